@@ -1,0 +1,300 @@
+"""Policy-gradient (GRPO) and SFT losses, sharing one loss-aggregation function.
+
+- Policy gradient with importance ratio exp(logp - old_logp): GRPO (Shao et al. 2024, arXiv
+  2402.03300). The optional PPO clip is asymmetric, "clip-higher" from DAPO (Yu et al. 2025, arXiv
+  2503.14476): 1 - 0.2 below, 1 + 0.28 above. The ReLIFT reference run turns the clip off.
+- Aggregation by a constant (max response length) instead of a token mean: Dr.GRPO (Liu et al. 2025,
+  arXiv 2503.20783); ReLIFT's reference default.
+- KL penalty with the k3 estimator exp(d) - d - 1, d = ref_logp - logp (Schulman 2020, "Approximating
+  KL Divergence", joschu.net/blog/kl-approx.html). Off by default in ReLIFT.
+- SFT: token-mean NLL on the demonstration tokens minus an entropy bonus (ReLIFT, Ma et al. 2025).
+
+Deviation from the plain formulas, for numerical safety only: the log-ratio and the k3 log-difference
+are clamped to [-20, 20] (as verl does), so a garbage padding token cannot make exp() overflow into a
+NaN gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+AggMode = Literal["token_mean", "seq_mean_token_mean", "constant"]
+Count = float | Tensor | None
+
+_LOG_CLAMP = 20.0
+
+
+# Each reducer gets (masked values [N, T], float mask [N, T], num_tokens, num_seqs, constant).
+_AGGREGATORS: dict[str, Callable[..., Tensor]] = {
+    "token_mean": lambda masked, mask, n_tok, n_seq, c: masked.sum() / n_tok,
+    "seq_mean_token_mean": lambda masked, mask, n_tok, n_seq, c: (
+        (masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)).sum() / n_seq
+    ),
+    "constant": lambda masked, mask, n_tok, n_seq, c: masked.sum() / (n_seq * c),
+}
+
+
+def _check_agg_mode(agg_mode: str) -> None:
+    if agg_mode not in _AGGREGATORS:
+        raise ValueError(f"agg_mode must be one of {sorted(_AGGREGATORS)}, got {agg_mode!r}")
+
+
+def aggregate_loss(
+    values: Tensor,
+    mask: Tensor,
+    mode: AggMode,
+    *,
+    num_tokens: Count = None,
+    num_seqs: Count = None,
+    constant: float | None = None,
+) -> Tensor:
+    """Reduces per-token values to one scalar; the one aggregation used by every loss here.
+
+    - token_mean: sum(values * mask) / num_tokens (default mask.sum()).
+    - seq_mean_token_mean: sum_i(sum_t(values * mask)_i / len_i) / num_seqs (default N),
+      len_i = mask row sum clamped to >= 1.
+    - constant: sum(values * mask) / (num_seqs * constant) (default N and T).
+
+    Pass GLOBAL counts (whole batch, all micro-batches, all ranks) and the sum of the per-micro-batch
+    results equals the whole-batch value: the loss then does not depend on micro-batching or world
+    size. With the defaults each call is normalised by its own counts.
+
+    Args:
+        values: [N, T] per-token values.
+        mask: [N, T] 0/1 (or bool) mask; masked positions are zeroed, not multiplied, so a NaN or
+            inf there cannot leak into the sum.
+        mode: one of "token_mean", "seq_mean_token_mean", "constant".
+        num_tokens: global number of masked tokens (token_mean).
+        num_seqs: global number of sequences (seq_mean_token_mean, constant).
+        constant: the normaliser per sequence for "constant", e.g. the max response length.
+
+    Returns:
+        Scalar tensor.
+    """
+    _check_agg_mode(mode)
+    if values.shape != mask.shape:
+        raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} differ")
+    if constant is not None and constant <= 0:
+        raise ValueError(f"constant must be > 0, got {constant}")
+    mask = mask.float()  # [N, T]; float32 counts even for bf16 values
+    masked = values.masked_fill(mask == 0, 0.0)  # [N, T]
+    if num_tokens is None:
+        num_tokens = mask.sum().clamp(min=1)
+    if num_seqs is None:
+        num_seqs = max(mask.shape[0], 1)
+    if constant is None:
+        constant = mask.shape[1]
+    return _AGGREGATORS[mode](masked, mask, num_tokens, num_seqs, constant)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Token mean of `values` [N, T] over `mask` [N, T] (local to this call; for metrics)."""
+    return values.masked_fill(mask == 0, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Per-token k3 KL estimate of KL(policy || ref): exp(d) - d - 1 with d = ref - logp, >= 0.
+
+    Args:
+        logprobs: [N, T] policy log-probs of the sampled tokens.
+        ref_logprobs: [N, T] reference-model log-probs of the same tokens.
+
+    Returns:
+        [N, T] non-negative estimates (unbiased for samples drawn from the policy).
+    """
+    diff = (ref_logprobs - logprobs).clamp(-_LOG_CLAMP, _LOG_CLAMP)  # [N, T]
+    return torch.exp(diff) - diff - 1.0
+
+
+def _check_non_negative(**kwargs: float) -> None:
+    for name, value in kwargs.items():
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def _check_loss_constant(loss_constant: float | None) -> None:
+    if loss_constant is not None and loss_constant <= 0:
+        raise ValueError(f"loss_constant must be > 0, got {loss_constant}")
+
+
+class PolicyGradientLoss(nn.Module):
+    """GRPO policy-gradient loss with optional DAPO clip-higher, entropy bonus and k3 KL penalty.
+
+    loss = agg(pg) - entropy_coef * agg(entropy) + kl_coef * agg(kl_k3(logp, ref_logp)), where
+    pg = -A * ratio, or with the clip max(-A * ratio, -A * clamp(ratio, 1 - low, 1 + high)).
+
+    Args:
+        clip: apply the PPO clip (the ReLIFT reference run does not).
+        clip_ratio_low: lower clip epsilon (ratio floor 1 - low).
+        clip_ratio_high: upper clip epsilon (ratio ceiling 1 + high), DAPO clip-higher.
+        agg_mode: how token losses are reduced, see `aggregate_loss`.
+        loss_constant: normaliser for agg_mode "constant" (max response length); None -> T.
+        entropy_coef: weight of the entropy bonus.
+        kl_coef: weight of the k3 KL penalty to the reference model.
+    """
+
+    def __init__(
+        self,
+        clip: bool = False,
+        clip_ratio_low: float = 0.2,
+        clip_ratio_high: float = 0.28,
+        agg_mode: AggMode = "constant",
+        loss_constant: float | None = None,
+        entropy_coef: float = 0.0,
+        kl_coef: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_non_negative(
+            clip_ratio_low=clip_ratio_low,
+            clip_ratio_high=clip_ratio_high,
+            entropy_coef=entropy_coef,
+            kl_coef=kl_coef,
+        )
+        _check_loss_constant(loss_constant)
+        _check_agg_mode(agg_mode)
+        self.clip = clip
+        self.clip_ratio_low = clip_ratio_low
+        self.clip_ratio_high = clip_ratio_high
+        self.agg_mode = agg_mode
+        self.loss_constant = loss_constant
+        self.entropy_coef = entropy_coef
+        self.kl_coef = kl_coef
+
+    def forward(
+        self,
+        logprobs: Tensor,
+        old_logprobs: Tensor,
+        advantages: Tensor,
+        response_mask: Tensor,
+        *,
+        entropy: Tensor | None = None,
+        ref_logprobs: Tensor | None = None,
+        is_weights: Tensor | None = None,
+        num_tokens: Count = None,
+        num_seqs: Count = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Computes the loss of one (micro-)batch.
+
+        Args:
+            logprobs: [N, T] current policy log-probs of the sampled tokens (with grad).
+            old_logprobs: [N, T] log-probs at sampling time (no grad).
+            advantages: [N] per-sequence advantages, broadcast over tokens ([N, T] also accepted).
+            response_mask: [N, T] 1 on response tokens, 0 on padding.
+            entropy: [N, T] policy entropy per position; needed if entropy_coef > 0.
+            ref_logprobs: [N, T] reference-model log-probs; needed if kl_coef > 0.
+            is_weights: [N, T] truncated importance-sampling weights (already capped); detached.
+            num_tokens: global token count for aggregation, see `aggregate_loss`.
+            num_seqs: global sequence count for aggregation, see `aggregate_loss`.
+
+        Returns:
+            (loss, metrics). Metrics are detached scalars: "pg_loss" (the aggregated pg term, so
+            micro-batch values sum to the batch value under global counts), and local token means
+            "clip_frac", "ratio_mean", "entropy" (if given), "kl" (if ref_logprobs given).
+        """
+        if self.entropy_coef > 0 and entropy is None:
+            raise ValueError("entropy_coef > 0 but no entropy was passed")
+        if self.kl_coef > 0 and ref_logprobs is None:
+            raise ValueError("kl_coef > 0 but no ref_logprobs were passed")
+
+        agg = functools.partial(
+            aggregate_loss, mask=response_mask, mode=self.agg_mode, num_tokens=num_tokens,
+            num_seqs=num_seqs, constant=self.loss_constant,
+        )  # fmt: skip
+
+        ratio = torch.exp((logprobs - old_logprobs).clamp(-_LOG_CLAMP, _LOG_CLAMP))  # [N, T]
+        adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # [N, 1]
+        pg = -adv * ratio  # [N, T]
+        clipped = torch.zeros_like(pg, dtype=torch.bool)  # [N, T]
+        if self.clip:
+            bounded = ratio.clamp(1.0 - self.clip_ratio_low, 1.0 + self.clip_ratio_high)
+            pg_clipped = -adv * bounded  # [N, T]
+            clipped = pg_clipped > pg
+            pg = torch.maximum(pg, pg_clipped)
+        if is_weights is not None:
+            pg = pg * is_weights.detach()
+
+        pg_loss = agg(pg)
+        loss = pg_loss
+        metrics = {
+            "pg_loss": pg_loss.detach(),
+            "clip_frac": masked_mean(clipped.float(), response_mask),
+            "ratio_mean": masked_mean(ratio.detach(), response_mask),
+        }
+        if entropy is not None:
+            metrics["entropy"] = masked_mean(entropy.detach(), response_mask)
+            if self.entropy_coef != 0:
+                loss = loss - self.entropy_coef * agg(entropy)
+        if ref_logprobs is not None:
+            kl = kl_k3(logprobs, ref_logprobs)  # [N, T]
+            metrics["kl"] = masked_mean(kl.detach(), response_mask)
+            if self.kl_coef != 0:
+                loss = loss + self.kl_coef * agg(kl)
+        return loss, metrics
+
+
+class SFTLoss(nn.Module):
+    """NLL on demonstration tokens minus an entropy bonus: agg(-logp) - entropy_coef * agg(H).
+
+    Args:
+        entropy_coef: weight of the entropy bonus.
+        agg_mode: how token losses are reduced, see `aggregate_loss` (ReLIFT: token_mean).
+        loss_constant: normaliser for agg_mode "constant"; None -> T.
+    """
+
+    def __init__(
+        self,
+        entropy_coef: float = 0.0,
+        agg_mode: AggMode = "token_mean",
+        loss_constant: float | None = None,
+    ) -> None:
+        super().__init__()
+        _check_non_negative(entropy_coef=entropy_coef)
+        _check_loss_constant(loss_constant)
+        _check_agg_mode(agg_mode)
+        self.entropy_coef = entropy_coef
+        self.agg_mode = agg_mode
+        self.loss_constant = loss_constant
+
+    def forward(
+        self,
+        logprobs: Tensor,
+        loss_mask: Tensor,
+        *,
+        entropy: Tensor | None = None,
+        num_tokens: Count = None,
+        num_seqs: Count = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Computes the SFT loss of one (micro-)batch.
+
+        Args:
+            logprobs: [N, T] policy log-probs of the demonstration tokens (with grad).
+            loss_mask: [N, T] 1 on demonstration tokens, 0 on prompt and padding.
+            entropy: [N, T] policy entropy per position; needed if entropy_coef > 0.
+            num_tokens: global token count for aggregation, see `aggregate_loss`.
+            num_seqs: global sequence count for aggregation, see `aggregate_loss`.
+
+        Returns:
+            (loss, metrics): "nll" (the aggregated NLL term) and "entropy" (local token mean, if
+            given), detached scalars.
+        """
+        if self.entropy_coef > 0 and entropy is None:
+            raise ValueError("entropy_coef > 0 but no entropy was passed")
+
+        agg = functools.partial(
+            aggregate_loss, mask=loss_mask, mode=self.agg_mode, num_tokens=num_tokens,
+            num_seqs=num_seqs, constant=self.loss_constant,
+        )  # fmt: skip
+
+        nll = agg(-logprobs)
+        loss = nll
+        metrics = {"nll": nll.detach()}
+        if entropy is not None:
+            metrics["entropy"] = masked_mean(entropy.detach(), loss_mask)
+            if self.entropy_coef != 0:
+                loss = loss - self.entropy_coef * agg(entropy)
+        return loss, metrics
