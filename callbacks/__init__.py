@@ -1,0 +1,7 @@
+"""Lightning callbacks: WHEN side work happens (mining, evaluation, sample logging, weight sync)."""
+
+from callbacks.evaluation import BenchmarkEvaluation
+from callbacks.hard_question_mining import HardQuestionMining
+from callbacks.sample_logger import SampleCompletionsLogger
+
+__all__ = ["BenchmarkEvaluation", "HardQuestionMining", "SampleCompletionsLogger"]

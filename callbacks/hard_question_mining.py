@@ -1,0 +1,77 @@
+"""Hard-question mining: after each RL update, demonstrations of the hardest prompts go into the buffer."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import torch
+
+from relift_pl.distributed import all_gather_objects, world_size_and_rank
+
+
+
+class HardQuestionMining(L.Callback):
+    """Marks prompts whose G rewards are all 0 as hardest and pushes their rows into the buffer.
+
+    Rows are gathered from every rank before the push, so all ranks hold the same buffer and take
+    the SFT step together (no rank waits in a collective the others never enter).
+
+    Which rows are chosen is ``algorithm.buffer_selection``: ``hardest`` (ReLIFT), ``all`` (SFT on
+    every demonstration) or ``random`` (the ablation: as many rows as were hardest, drawn at random).
+
+    Args:
+        seed: seed of the ``random`` selection.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+        self.rows_without_demo = 0
+
+    def on_rl_step_end(self, trainer: L.Trainer, module, record) -> None:
+        rows, group_rewards = record.rows, record.group_rewards
+        if group_rewards is not None:
+            module.log_dict(self._solve_rates(group_rewards), on_step=True, on_epoch=False,
+                            sync_dist=world_size_and_rank()[0] > 1)
+        if not module.algo.sft_enabled:
+            return
+        chosen = self._choose(module.algo.buffer_selection, rows, group_rewards)
+        usable = [self._slim(row) for row in chosen if row.get("demo_ids")]
+        self.rows_without_demo += len(chosen) - len(usable)
+        module.buffer.push(all_gather_objects(usable))
+
+    def _choose(self, selection: str, rows: list[dict[str, Any]], group_rewards: torch.Tensor | None):
+        if selection == "all":
+            return list(rows)
+        hardest = (group_rewards.sum(dim=1) == 0).tolist()  # [B] every rollout failed
+        if selection == "hardest":
+            return [row for row, hard in zip(rows, hardest) if hard]
+        return self._rng.sample(list(rows), k=sum(hardest))
+
+    @staticmethod
+    def _solve_rates(group_rewards: torch.Tensor) -> dict[str, float]:
+        solved = (group_rewards > 0).sum(dim=1)  # [B] correct rollouts per prompt
+        group_size = group_rewards.shape[1]
+        return {
+            "train/solve_none_rate": (solved == 0).float().mean().item(),
+            "train/solve_all_rate": (solved == group_size).float().mean().item(),
+            "train/solved_rate": (solved > 0).float().mean().item(),
+        }
+
+    @staticmethod
+    def _slim(row: dict[str, Any]) -> dict[str, Any]:
+        # Only what an SFT step needs travels between ranks and into checkpoints.
+        return {"id": row["id"], "prompt_ids": row["prompt_ids"], "demo_ids": row["demo_ids"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self._rng.getstate(), "rows_without_demo": self.rows_without_demo}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rng.setstate(_as_tuple(state["rng"]))
+        self.rows_without_demo = state["rows_without_demo"]
+
+
+def _as_tuple(value):
+    # random.getstate() is nested tuples; a checkpoint round trip may turn them into lists.
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

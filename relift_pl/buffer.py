@@ -1,0 +1,64 @@
+"""The hardest-question buffer: demonstrations waiting for the next SFT step."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+
+class DemonstrationBuffer:
+    """A bounded, newest-first queue of demonstration rows.
+
+    ReLIFT pushes a prompt's row when all of its G rollouts fail and runs one SFT step as soon as
+    ``len(buffer) >= threshold``, on the ``threshold`` newest rows; the rest stay for later.
+
+    Args:
+        threshold: rows per SFT step (the paper's M).
+        capacity: most rows kept; beyond it the oldest are dropped (and counted).
+    """
+
+    def __init__(self, threshold: int, capacity: int | None = None) -> None:
+        capacity = capacity if capacity is not None else 4 * threshold
+        if threshold < 1:
+            raise ValueError(f"algorithm.buffer.threshold (M) must be >= 1, got {threshold}")
+        if capacity < threshold:
+            raise ValueError(
+                f"algorithm.buffer.capacity ({capacity}) must be >= threshold M ({threshold})"
+            )
+        self.threshold = threshold
+        self.capacity = capacity
+        self._rows: deque[dict[str, Any]] = deque()  # left end = newest
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def ready(self) -> bool:
+        return len(self._rows) >= self.threshold
+
+    def push(self, rows: list[dict[str, Any]]) -> None:
+        """Adds rows; the last row of ``rows`` becomes the newest."""
+        for row in rows:
+            self._rows.appendleft(row)
+        while len(self._rows) > self.capacity:
+            self._rows.pop()
+            self.dropped += 1
+
+    def pop(self) -> list[dict[str, Any]]:
+        """Removes and returns the ``threshold`` newest rows (newest first)."""
+        if not self.ready:
+            raise RuntimeError(f"buffer holds {len(self)} rows, fewer than M={self.threshold}")
+        return [self._rows.popleft() for _ in range(self.threshold)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": list(self._rows), "dropped": self.dropped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        rows = list(state["rows"])
+        if len(rows) > self.capacity:
+            raise ValueError(
+                f"checkpointed buffer holds {len(rows)} rows, more than capacity {self.capacity}"
+            )
+        self._rows = deque(rows)
+        self.dropped = int(state["dropped"])

@@ -1,0 +1,75 @@
+"""The algorithm's knobs, as one dataclass that Hydra fills from ``conf/algorithm/*.yaml``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass
+class AlgorithmConfig:
+    """What one training step does. ``grpo``, ``relift`` and ``sft`` differ only in these values."""
+
+    group_size: int = 8
+    """Rollouts per prompt (G)."""
+    rl_enabled: bool = True
+    """Run rollouts and the policy-gradient update (off for SFT-only baselines)."""
+    sft_enabled: bool = True
+    """Run an SFT step whenever the buffer holds ``buffer_threshold`` rows (off for GRPO)."""
+    scale_advantages_by_std: bool = False
+    """Divide group advantages by the group std (GRPO); the ReLIFT reference does not (Dr.GRPO)."""
+    num_mini_batches: int = 1
+    """Optimizer steps per RL step: the rollout batch is split into this many mini-batches."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass; gradients are accumulated by hand."""
+    sft_micro_batch_size: int = 16
+    """Demonstrations per forward/backward pass in the SFT step."""
+    rl_grad_clip: float = 1.0
+    """Max grad norm of RL steps (reference scripts: 0.7)."""
+    sft_grad_clip: float = 1.0
+    """Max grad norm of SFT steps."""
+    buffer_threshold: int = 8
+    """M: rows per SFT step; an SFT step runs when the buffer holds at least M."""
+    buffer_capacity: int | None = None
+    """Most rows kept (oldest dropped beyond it); default 4 x M."""
+    buffer_selection: str = "hardest"
+    """Which prompts' demonstrations enter the buffer: ``hardest`` (all G rollouts failed; ReLIFT),
+    ``all`` (every prompt; SFT on all demonstrations) or ``random`` (as many as were hardest, drawn
+    at random: the paper's ablation)."""
+    max_consecutive_skips: int = 5
+    """Abort after this many optimizer steps in a row were skipped for a non-finite grad norm."""
+    pg_loss: nn.Module | None = None
+    """The policy-gradient loss (``relift_pl.algorithms.PolicyGradientLoss``)."""
+    sft_loss: nn.Module | None = None
+    """The SFT loss (``relift_pl.algorithms.SFTLoss``)."""
+    rl_optimizer: Callable | None = None
+    """Partial optimizer over the policy's parameters for RL steps."""
+    sft_optimizer: Callable | None = None
+    """A second, separate partial optimizer for SFT steps (own moments, lr, weight decay)."""
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, rule: str, value) -> None:
+            if not ok:
+                raise ValueError(f"algorithm.{key} must be {rule}, got {value!r}")
+
+        need(self.group_size >= 2 or not self.rl_enabled, "group_size", ">= 2 (GRPO compares samples within a group)", self.group_size)
+        need(self.num_mini_batches >= 1, "num_mini_batches", ">= 1", self.num_mini_batches)
+        need(self.micro_batch_size >= 1, "micro_batch_size", ">= 1", self.micro_batch_size)
+        need(self.sft_micro_batch_size >= 1, "sft_micro_batch_size", ">= 1", self.sft_micro_batch_size)
+        need(self.rl_grad_clip > 0, "rl_grad_clip", "> 0", self.rl_grad_clip)
+        need(self.sft_grad_clip > 0, "sft_grad_clip", "> 0", self.sft_grad_clip)
+        need(self.buffer_threshold >= 1, "buffer_threshold", ">= 1", self.buffer_threshold)
+        need(self.max_consecutive_skips >= 1, "max_consecutive_skips", ">= 1", self.max_consecutive_skips)
+        need(self.buffer_selection in ("hardest", "all", "random"), "buffer_selection",
+             "one of hardest, all, random", self.buffer_selection)
+        need(self.rl_enabled or self.buffer_selection == "all", "buffer_selection",
+             "'all' when rl_enabled is false (hardness needs rollouts)", self.buffer_selection)
+        need(self.rl_enabled or self.sft_enabled, "rl_enabled / sft_enabled", "true for at least one", False)
+        if self.rl_enabled:
+            need(self.pg_loss is not None, "pg_loss", "set when rl_enabled", None)
+            need(self.rl_optimizer is not None, "rl_optimizer", "set when rl_enabled", None)
+        if self.sft_enabled:
+            need(self.sft_loss is not None, "sft_loss", "set when sft_enabled", None)
+            need(self.sft_optimizer is not None, "sft_optimizer", "set when sft_enabled", None)

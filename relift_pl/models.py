@@ -1,0 +1,60 @@
+"""Loading the policy and its tokenizer through the same ``from_pretrained`` calls users hit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+
+def resolve_model_path(name_or_path: str | None, build: Callable[[], str | Path] | None = None) -> str:
+    """A hub id or local directory, or the directory a ``build`` factory returns (the toy base)."""
+    if build is not None:
+        return str(build())
+    if not name_or_path:
+        raise ValueError("model.name_or_path is empty: give a hub id or a local model directory")
+    return str(name_or_path)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Left-padding tokenizer (rollouts batch left-padded prompts) with a pad token."""
+    try:
+        # transformers 5 saves padding_side only when given to from_pretrained.
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, padding_side="left", trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"could not load a tokenizer from {name_or_path!r} (model.name_or_path): {err}"
+        ) from err
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"the tokenizer in {name_or_path!r} has no chat_template; prompts are built with it. "
+            "Add one to tokenizer_config.json (or chat_template.jinja) and retry."
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(
+    name_or_path: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """The trainable causal LM, in ``dtype`` (fp32 on CPU; FSDP casts per its mixed-precision policy)."""
+    kwargs = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load a causal LM from {name_or_path!r}: {err}") from err
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # training forward passes never need the KV cache
+    return model

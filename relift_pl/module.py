@@ -1,0 +1,338 @@
+"""ReLIFTModule: GRPO with online SFT on the hardest questions, as a Lightning module.
+
+One ``training_step`` reads as the method does:
+  1. rollout G samples per prompt   2. reward them   3. group advantages
+  4. RL update (mini-batches -> optimizer steps, micro-batches -> accumulated gradients)
+  5. one SFT step on M buffered demonstrations when the buffer is full (second optimizer)
+Callbacks decide *when* side work happens (weight sync before a rollout, mining the hardest
+questions after the RL update, evaluation); optimizer steps happen only here.
+
+Deviations from the reference (verl) implementation, all deliberate:
+- The hardest-question buffer is filled by a callback between steps 4 and 5 of the same
+  training step, so an SFT step can follow the RL step that filled the buffer.
+- Optimizer steps with a non-finite grad norm are skipped and counted instead of applied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from relift_pl.algorithms import group_advantages, policy_logprobs
+from relift_pl.buffer import DemonstrationBuffer
+from relift_pl.config import AlgorithmConfig
+from relift_pl.distributed import all_reduce_sum, world_size_and_rank
+from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, left_pad, right_pad
+
+
+@dataclass
+class StepRecord:
+    """What the callbacks see after an RL update (``on_rl_step_end``)."""
+
+    rows: list[dict[str, Any]]
+    """This rank's prompts of the step."""
+    group_rewards: Tensor | None
+    """[B_local, G] 0/1 rewards, or None when RL is off."""
+    responses: list[str] | None
+    """B_local * G decoded responses, prompt-major, or None when RL is off."""
+
+
+class ReLIFTModule(L.LightningModule):
+    """GRPO + interleaved SFT with manual optimization.
+
+    Args:
+        policy: the Hugging Face causal LM being trained.
+        tokenizer: its tokenizer (pad and EOS ids, decoding for the reward).
+        algorithm: every algorithmic knob (see :class:`AlgorithmConfig`).
+        rollout_engine: factory ``() -> RolloutEngine``, called in ``setup()``.
+        reward_fn: factory ``() -> callable(responses, golds) -> RewardOutput``, called in ``setup()``.
+        sampling: training rollout sampling settings (``n`` is set to the group size).
+        max_steps: training steps (batches) to run; each is one RL step and at most one SFT step.
+    """
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        tokenizer,
+        algorithm: AlgorithmConfig,
+        rollout_engine: Callable[[], RolloutEngine],
+        reward_fn: Callable[[], Callable],
+        sampling: SamplingParams,
+        max_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        algorithm.validate()
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        self.automatic_optimization = False
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.algo = algorithm
+        self.pg_loss = algorithm.pg_loss
+        self.sft_loss = algorithm.sft_loss
+        self.sampling = SamplingParams(**{**sampling.__dict__, "n": algorithm.group_size})
+        self.max_steps = max_steps
+        self._make_engine = rollout_engine
+        self._make_reward = reward_fn
+        self.rollout_engine: RolloutEngine | None = None
+        self.reward_fn = None
+        self.buffer = DemonstrationBuffer(algorithm.buffer_threshold, algorithm.buffer_capacity)
+        # Lightning's global_step counts every optimizer step (RL and SFT): keep our own.
+        self.step_count = 0
+        self.rl_step = 0
+        self.sft_step = 0
+        self.demos_used: set[str] = set()
+        self.skipped_steps = 0
+        self._consecutive_skips = 0
+        self.weights_version = 0  # bumped by every applied optimizer step (weight-sync callbacks read it)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.rollout_engine is None:
+            self.rollout_engine = self._make_engine()
+            self.rollout_engine.bind(self.policy, self.tokenizer)
+        if self.reward_fn is None:
+            self.reward_fn = self._make_reward()
+
+    def teardown(self, stage: str) -> None:
+        for obj in (self.reward_fn, self.rollout_engine):
+            close = getattr(obj, "close", None)
+            if callable(close):
+                close()
+        self.reward_fn = None
+        self.rollout_engine = None
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizers = []
+        self._opt_index: dict[str, int] = {}
+        for name, factory in (("rl", self.algo.rl_optimizer), ("sft", self.algo.sft_optimizer)):
+            enabled = self.algo.rl_enabled if name == "rl" else self.algo.sft_enabled
+            if enabled:
+                self._opt_index[name] = len(optimizers)
+                optimizers.append(factory(params))
+        return optimizers
+
+    def _optimizer(self, name: str):
+        optimizers = self.optimizers()
+        if not isinstance(optimizers, list):
+            optimizers = [optimizers]
+        return optimizers[self._opt_index[name]]
+
+    # -- hooks for callbacks -------------------------------------------------------------------
+    def _notify(self, hook: str, *args) -> None:
+        for callback in self.trainer.callbacks:
+            fn = getattr(callback, hook, None)
+            if callable(fn):
+                fn(self.trainer, self, *args)
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> RolloutBatch:
+        """Samples from the current policy; callbacks get ``on_before_rollout`` first (weight sync)."""
+        self._notify("on_before_rollout")
+        return self.rollout_engine.generate(prompt_ids, sampling)
+
+    def decode_responses(self, batch: RolloutBatch) -> list[str]:
+        eos = self.tokenizer.eos_token_id
+        texts = []
+        for ids, mask in zip(batch.response_ids.tolist(), batch.response_mask.tolist()):
+            tokens = [t for t, m in zip(ids, mask) if m and t != eos]
+            texts.append(self.tokenizer.decode(tokens, skip_special_tokens=False))
+        return texts
+
+    # -- the training step ---------------------------------------------------------------------
+    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        started = time.perf_counter()
+        metrics: dict[str, float] = {}
+        record = StepRecord(rows=batch, group_rewards=None, responses=None)
+
+        if self.algo.rl_enabled:
+            rollout = self.generate([row["prompt_ids"] for row in batch], self.sampling)  # 1.
+            responses = self.decode_responses(rollout)
+            golds = [row["answer"] for row in batch for _ in range(self.algo.group_size)]
+            scored = self.reward_fn(responses, golds)  # 2.
+            rewards = torch.tensor(scored.rewards, dtype=torch.float32)  # [B*G]
+            advantages = group_advantages(  # 3.
+                rewards, self.algo.group_size, self.algo.scale_advantages_by_std
+            )
+            metrics |= self._rl_update(rollout, advantages)  # 4.
+            metrics |= self._rollout_metrics(rollout, rewards, scored)
+            record = StepRecord(batch, rewards.view(-1, self.algo.group_size), responses)
+            self.rl_step += 1
+
+        self._notify("on_rl_step_end", record)  # the mining callback fills the buffer here
+
+        if self.algo.sft_enabled and self.buffer.ready:  # 5.
+            metrics |= self._sft_update(self.buffer.pop())
+
+        self.step_count += 1
+        available = max(getattr(self.trainer.datamodule, "demos_available", 0), 1)
+        metrics |= {
+            "buffer/size": float(len(self.buffer)),
+            "train/demos_used_frac": len(self.demos_used) / available,
+            "train/rl_step": float(self.rl_step),
+            "train/sft_step": float(self.sft_step),
+            "faults/skipped_steps": float(self.skipped_steps),
+            "perf/step_seconds": time.perf_counter() - started,
+        }
+        self._log_metrics(metrics)
+        if self.step_count >= self.max_steps:
+            self.trainer.should_stop = True
+
+    def _log_metrics(self, metrics: dict[str, float]) -> None:
+        sync = world_size_and_rank()[0] > 1
+        self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=sync)
+        # Lightning uses a logged "step" value as the x-axis: plot against training steps,
+        # not global_step (which counts RL and SFT optimizer steps together).
+        self.log("step", float(self.step_count), on_step=True, on_epoch=False)
+        for key in ("train/reward_mean", "sft/loss"):
+            if key in metrics:
+                self.log(key.split("/")[-1], metrics[key], prog_bar=True, logger=False)
+
+    # -- RL ------------------------------------------------------------------------------------
+    def _micro_batches(self, indices: Tensor, size: int) -> Iterator[Tensor]:
+        yield from indices.split(size)
+
+    def _rl_update(self, rollout: RolloutBatch, advantages: Tensor) -> dict[str, float]:
+        optimizer = self._optimizer("rl")
+        device = self.device
+        input_ids = rollout.input_ids.to(device)  # [N, P + R]
+        attention_mask = rollout.attention_mask.to(device)  # [N, P + R]
+        response_mask = rollout.response_mask.to(device).float()  # [N, R]
+        advantages = advantages.to(device)  # [N]
+        num_response = response_mask.shape[1]
+        temperature = self.sampling.temperature or 1.0
+        n = input_ids.shape[0]
+        mini_batches = torch.arange(n).chunk(self.algo.num_mini_batches)
+
+        # With one optimizer step per rollout the policy that sampled is the one being updated:
+        # the ratio is exactly 1, so old log-probs are the current ones, detached (no extra pass).
+        old_logprobs = None
+        if len(mini_batches) > 1:
+            with torch.no_grad():
+                old_logprobs = torch.cat([
+                    policy_logprobs(self.policy, input_ids[idx], attention_mask[idx], num_response,
+                                    temperature=temperature)[0]
+                    for idx in self._micro_batches(torch.arange(n), self.algo.micro_batch_size)
+                ])
+
+        totals: dict[str, float] = {}
+        for mini in mini_batches:
+            num_tokens = all_reduce_sum(response_mask[mini].sum())
+            num_seqs = all_reduce_sum(torch.tensor(float(len(mini)), device=device))
+            sums: dict[str, float] = {}
+            for idx in self._micro_batches(mini, self.algo.micro_batch_size):
+                logprobs, entropy = policy_logprobs(
+                    self.policy, input_ids[idx], attention_mask[idx], num_response,
+                    temperature=temperature, with_entropy=True,
+                )
+                old = logprobs.detach() if old_logprobs is None else old_logprobs[idx]
+                loss, parts = self.pg_loss(
+                    logprobs, old, advantages[idx], response_mask[idx], entropy=entropy,
+                    num_tokens=num_tokens, num_seqs=num_seqs,
+                )
+                self.manual_backward(loss)
+                weight = len(idx) / len(mini)
+                sums["rl/loss"] = sums.get("rl/loss", 0.0) + loss.item()
+                for key, value in parts.items():
+                    sums[f"rl/{key}"] = sums.get(f"rl/{key}", 0.0) + weight * float(value)
+            sums["rl/grad_norm"] = self._optimizer_step(optimizer, self.algo.rl_grad_clip, "rl")
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0.0) + value / len(mini_batches)
+        return totals
+
+    def _rollout_metrics(self, rollout: RolloutBatch, rewards: Tensor, scored) -> dict[str, float]:
+        lengths = rollout.response_lengths.float()
+        return {
+            "train/reward_mean": rewards.mean().item(),
+            "train/response_length_mean": lengths.mean().item(),
+            "train/response_length_max": lengths.max().item(),
+            "train/truncated_frac": rollout.truncated.float().mean().item(),
+            "reward/timeouts": float(getattr(scored, "timeouts", 0)),
+            "reward/failures": float(getattr(scored, "failures", 0)),
+        }
+
+    # -- SFT -----------------------------------------------------------------------------------
+    def _sft_update(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """One SFT step on the M popped rows; each rank takes its share (M % world == 0)."""
+        world, rank = world_size_and_rank()
+        self.demos_used.update(str(row["id"]) for row in rows)
+        mine = rows[rank::world]
+        pad = self.tokenizer.pad_token_id
+        prompt_ids, prompt_mask = left_pad([row["prompt_ids"] for row in mine], pad)
+        demo_ids, demo_mask = right_pad([row["demo_ids"] for row in mine], pad)
+        input_ids = torch.cat([prompt_ids, demo_ids], 1).to(self.device)  # [m, P + R]
+        attention_mask = torch.cat([prompt_mask, demo_mask], 1).to(self.device)  # [m, P + R]
+        loss_mask = demo_mask.to(self.device).float()  # [m, R]: prompt tokens never enter the loss
+        num_tokens = all_reduce_sum(loss_mask.sum())
+        num_seqs = all_reduce_sum(torch.tensor(float(len(mine)), device=self.device))
+        optimizer = self._optimizer("sft")
+        sums: dict[str, float] = {"sft/loss": 0.0}
+        for idx in self._micro_batches(torch.arange(len(mine)), self.algo.sft_micro_batch_size):
+            logprobs, entropy = policy_logprobs(
+                self.policy, input_ids[idx], attention_mask[idx], loss_mask.shape[1], with_entropy=True
+            )
+            loss, parts = self.sft_loss(
+                logprobs, loss_mask[idx], entropy=entropy, num_tokens=num_tokens, num_seqs=num_seqs
+            )
+            self.manual_backward(loss)
+            sums["sft/loss"] += loss.item()
+            for key, value in parts.items():
+                sums[f"sft/{key}"] = sums.get(f"sft/{key}", 0.0) + float(value) * len(idx) / len(mine)
+        sums["sft/grad_norm"] = self._optimizer_step(optimizer, self.algo.sft_grad_clip, "sft")
+        sums["sft/demo_tokens"] = float(num_tokens)
+        self.sft_step += 1
+        return sums
+
+    # -- optimizer steps -----------------------------------------------------------------------
+    def _optimizer_step(self, optimizer, max_norm: float, name: str) -> float:
+        """Clips, then steps unless the grad norm is not finite (that step is skipped and counted)."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        if not torch.isfinite(torch.tensor(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self._consecutive_skips += 1
+            if self._consecutive_skips >= self.algo.max_consecutive_skips:
+                raise FloatingPointError(
+                    f"{self._consecutive_skips} consecutive {name} optimizer steps had a non-finite "
+                    f"grad norm (last at training step {self.step_count}); stopping. Lower the "
+                    "learning rate or check the data (see algorithm.max_consecutive_skips)."
+                )
+            return grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._consecutive_skips = 0
+        self.weights_version += 1
+        return grad_norm
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["relift"] = {
+            "step_count": self.step_count,
+            "rl_step": self.rl_step,
+            "sft_step": self.sft_step,
+            "demos_used": sorted(self.demos_used),
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self._consecutive_skips,
+            "weights_version": self.weights_version,
+            "buffer": self.buffer.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["relift"]
+        self.step_count = state["step_count"]
+        self.rl_step = state["rl_step"]
+        self.sft_step = state["sft_step"]
+        self.demos_used = set(state["demos_used"])
+        self.skipped_steps = state["skipped_steps"]
+        self._consecutive_skips = state["consecutive_skips"]
+        self.weights_version = state["weights_version"]
+        self.buffer.load_state_dict(state["buffer"])

@@ -1,0 +1,76 @@
+"""``train(cfg)``: builds every object from the Hydra config and runs Lightning's ``fit``."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.evaluation import BenchmarkEvaluation
+from relift_pl.models import load_policy, load_tokenizer, resolve_model_path
+from relift_pl.module import ReLIFTModule
+from relift_pl.rollout.base import SamplingParams
+from relift_pl.summary import RunSummary
+
+ROOT = Path(__file__).resolve().parents[1]
+if not OmegaConf.has_resolver("relift_root"):
+    OmegaConf.register_new_resolver("relift_root", lambda: str(ROOT))
+
+
+def build(cfg: DictConfig) -> tuple[L.Trainer, ReLIFTModule, L.LightningDataModule]:
+    """Instantiates trainer, module and datamodule (no training); tests use it too."""
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    L.seed_everything(cfg.seed, workers=True)
+    model_path = resolve_model_path(cfg.model.name_or_path, instantiate(cfg.model.get("build")))
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    policy = load_policy(
+        model_path,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        attn_implementation=cfg.model.get("attn_implementation"),
+    )
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    module = ReLIFTModule(
+        policy=policy,
+        tokenizer=tokenizer,
+        algorithm=instantiate(cfg.algorithm),
+        rollout_engine=instantiate(cfg.rollout.engine),
+        reward_fn=instantiate(cfg.reward),
+        sampling=SamplingParams(**OmegaConf.to_container(cfg.rollout.sampling)),
+        max_steps=cfg.max_steps,
+    )
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return trainer, module, datamodule
+
+
+def train(cfg: DictConfig) -> RunSummary:
+    """Runs a whole training job and returns (and prints) its summary."""
+    os.makedirs(cfg.paths.output_dir, exist_ok=True)
+    started = time.time()
+    trainer, module, datamodule = build(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    evaluation = next((c for c in trainer.callbacks if isinstance(c, BenchmarkEvaluation)), None)
+    history = evaluation.history if evaluation else []
+    summary = RunSummary(
+        before=history[0][1] if history else {},
+        after=history[-1][1] if history else {},
+        steps=module.step_count,
+        rl_steps=module.rl_step,
+        sft_steps=module.sft_step,
+        demos_used=len(module.demos_used),
+        demos_available=datamodule.demos_available,
+        wall_seconds=time.time() - started,
+        k=evaluation.k if evaluation else 1,
+    )
+    if trainer.is_global_zero:
+        summary.print()
+    return summary
