@@ -57,4 +57,4 @@ def load_policy(
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training forward passes never need the KV cache
-    return model
+    return model.train()  # from_pretrained returns eval mode; Lightning expects train mode

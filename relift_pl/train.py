@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -52,8 +53,21 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, ReLIFTModule, L.LightningDataModu
     return trainer, module, datamodule
 
 
+@dataclass
+class FitResult:
+    trainer: L.Trainer
+    module: ReLIFTModule
+    datamodule: L.LightningDataModule
+    summary: RunSummary
+
+
 def train(cfg: DictConfig) -> RunSummary:
     """Runs a whole training job and returns (and prints) its summary."""
+    return fit(cfg).summary
+
+
+def fit(cfg: DictConfig) -> FitResult:
+    """Like :func:`train`, but also returns the trainer, module and datamodule (for tests)."""
     os.makedirs(cfg.paths.output_dir, exist_ok=True)
     started = time.time()
     trainer, module, datamodule = build(cfg)
@@ -73,4 +87,4 @@ def train(cfg: DictConfig) -> RunSummary:
     )
     if trainer.is_global_zero:
         summary.print()
-    return summary
+    return FitResult(trainer, module, datamodule, summary)
