@@ -1,0 +1,98 @@
+"""Answer extraction: pure string functions, including bounded work on hostile input."""
+
+import time
+
+import pytest
+
+from relift_pl.rewards.extract import (
+    extract_choice_letter,
+    last_boxed,
+    normalize_answer,
+    split_think,
+)
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("<think>\nreason</think>answer", ("\nreason", "answer")),
+        ("reason</think>answer", ("reason", "answer")),
+        ("a</think>b</think>c", ("a</think>b", "c")),  # the LAST </think> splits
+        ("no close tag \\boxed{1}", (None, None)),
+        ("</think>", ("", "")),
+    ],
+)
+def test_split_think(response, expected):
+    assert split_think(response) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"so \boxed{17}.", "17"),
+        (r"\boxed{1} then \boxed{2}", "2"),
+        (r"\boxed{\frac{1}{\sqrt{2}}}", r"\frac{1}{\sqrt{2}}"),
+        (r"\fbox{7}", "7"),
+        (r"\boxed{1} and \fbox{8}", "8"),
+        (r"\boxed {5}", "5"),
+        (r"\boxed{\{1,2\}}", r"\{1,2\}"),  # escaped braces do not close the box
+        (r"\boxed{a\\}", "a\\\\"),  # an escaped backslash does not escape the brace
+        (r"\boxed{}", ""),
+        (r"\boxed{4} then \boxed{4", None),  # truncated last box: None, not the earlier one
+        (r"\boxed 5", None),
+        ("no box at all", None),
+    ],
+)
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+def test_last_boxed_hostile_inputs_are_linear():
+    nested = "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}"
+    many_open = "\\boxed{" * 100_000
+    huge = "x" * 1_000_000 + "\\boxed{" + "1+" * 300_000 + "1}"
+    start = time.perf_counter()
+    assert last_boxed(nested) == "{" * 10_000 + "1" + "}" * 10_000
+    assert last_boxed(many_open) is None
+    assert last_boxed(huge).startswith("1+1+")
+    assert last_boxed("}" * 1_000_000) is None
+    assert time.perf_counter() - start < 5.0  # ~0.3 s on a loaded 2-core machine
+
+
+@pytest.mark.parametrize(
+    ("text", "letters", "expected"),
+    [
+        (r"\boxed{C}", "ABCDE", "C"),
+        (r"\boxed{\text{(B)}}", "ABCDE", "B"),
+        (r"\boxed{c}", "ABCDE", "C"),
+        ("ANSWER: C", "ABCDE", "C"),
+        ("Answer: $D$", "ABCDE", "D"),
+        ("so the answer is (B).", "ABCDE", "B"),
+        ("The answer is A, not B... final answer: E", "ABCDE", "E"),
+        ("Reasoning.\n\n**D**", "ABCDE", "D"),
+        ("Reasoning.\n(A).\n", "ABCDE", "A"),
+        ("the answer is a function of x", "ABCDE", None),  # lower-case article, not choice A
+        ("Vitamin B is involved", "ABCDE", None),
+        ("ANSWER: F", "ABCDE", None),
+        (r"\boxed{3}", "1234", "3"),
+        ("ANSWER: 2", "1234", "2"),
+        ("", "ABCDE", None),
+    ],
+)
+def test_extract_choice_letter(text, letters, expected):
+    assert extract_choice_letter(text, letters) == expected
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (" $x$ ", "x"),
+        ("$$\\frac{1}{2}$$", "\\frac{1}{2}"),
+        ("4.5e33", "4.5\\times10^{33}"),
+        ("-2E-3", "-2\\times10^{-3}"),
+        ("e3", "e3"),  # not a number in scientific notation
+        ("025", "025"),
+    ],
+)
+def test_normalize_answer(answer, expected):
+    assert normalize_answer(answer) == expected
