@@ -1,4 +1,4 @@
 from relift_pl.data.datamodule import ReLIFTDataModule
-from relift_pl.data.templates import demonstration_ids, prompt_ids
+from relift_pl.data.templates import prompt_ids, prompt_text, resolve_chat_template
 
-__all__ = ["ReLIFTDataModule", "demonstration_ids", "prompt_ids"]
+__all__ = ["ReLIFTDataModule", "prompt_ids", "prompt_text", "resolve_chat_template"]

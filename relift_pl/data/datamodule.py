@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
-from relift_pl.data.templates import demonstration_ids, prompt_ids
+from relift_pl.data.sampler import StepBatchSampler
+from relift_pl.data.templates import prompt_text, resolve_chat_template, response_text
+
+log = logging.getLogger(__name__)
 
 RowsFactory = Callable[[], list[dict[str, Any]]]
 
@@ -22,17 +25,20 @@ def _keep_rows(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class ReLIFTDataModule(L.LightningDataModule):
     """Serves tokenized rows ``{id, problem, answer, demonstration, prompt_ids, demo_ids, ...}``.
 
-    Each training batch is this rank's share of the B prompts of one RL step. Lightning swaps
-    the sampler for a DistributedSampler under DDP/FSDP, so every rank draws different prompts
-    and keeps each prompt's whole group of G samples on one rank.
+    Each training batch is this rank's share of the B prompts of one RL step, drawn by a
+    :class:`StepBatchSampler` (with ``trainer.use_distributed_sampler=false``): ranks get
+    different prompts, each prompt's whole group of G samples stays on one rank, and the data
+    position is the step counter, so resuming is exact.
 
     Args:
         train_rows: builds the training rows (schema: id, problem, answer, demonstration).
         eval_sets: name -> builder of held-out rows for evaluation.
-        tokenizer: the policy's tokenizer (with a chat template).
+        tokenizer: the policy's tokenizer.
         batch_size: prompts per RL step over all ranks (the paper's B).
         system_prompt: system message for training prompts; evaluation drops it, as the
             reference does.
+        chat_template: ``model`` (the tokenizer's), ``auto``, ``qwen_think`` or a Jinja
+            template (see :mod:`relift_pl.data.templates`).
         max_prompt_length: longest prompt in tokens; longer rows are dropped and counted.
         max_demo_length: longest demonstration in tokens (EOS included).
         overlong_demos: ``drop`` (the row keeps its prompt but gets no demonstration) or
@@ -47,6 +53,7 @@ class ReLIFTDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_sets: Mapping[str, RowsFactory] | None = None,
         system_prompt: str | None = None,
+        chat_template: str = "model",
         max_prompt_length: int = 512,
         max_demo_length: int = 1024,
         overlong_demos: str = "drop",
@@ -62,6 +69,7 @@ class ReLIFTDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.system_prompt = system_prompt
+        self.template = resolve_chat_template(tokenizer, chat_template)
         self.max_prompt_length = max_prompt_length
         self.max_demo_length = max_demo_length
         self.overlong_demos = overlong_demos
@@ -71,37 +79,47 @@ class ReLIFTDataModule(L.LightningDataModule):
         self.counts: dict[str, int] = {}
 
     # -- building rows ------------------------------------------------------------------------
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        # One batched call: the fast tokenizers parallelise over texts.
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
     def _tokenize(self, rows: list[dict[str, Any]], system_prompt: str | None, with_demos: bool):
-        out, too_long_prompts, overlong_demos = [], 0, 0
-        for row in rows:
-            ids = prompt_ids(self.tokenizer, row["problem"], system_prompt)
+        """Adds ``prompt_ids`` (and ``demo_ids``); returns (rows, counts of what was dropped)."""
+        counts = {"prompts_too_long": 0, "demos_overlong": 0}
+        prompts = [prompt_text(self.tokenizer, r["problem"], system_prompt, self.template) for r in rows]
+        out, kept_prompts = [], []
+        for row, prompt, ids in zip(rows, prompts, self._ids(prompts), strict=True):
             if len(ids) > self.max_prompt_length:
-                too_long_prompts += 1
+                counts["prompts_too_long"] += 1
                 continue
-            row = {**row, "prompt_ids": ids}
-            if with_demos and row.get("demonstration"):
-                demo = demonstration_ids(self.tokenizer, row["demonstration"])
-                if len(demo) > self.max_demo_length:
-                    overlong_demos += 1
-                    demo = demo[: self.max_demo_length] if self.overlong_demos == "truncate" else None
-                row["demo_ids"] = demo
-            out.append(row)
-        return out, too_long_prompts, overlong_demos
+            out.append({**row, "prompt_ids": ids})
+            kept_prompts.append(prompt)
+        if not with_demos:
+            return out, counts
+        has_demo = [i for i, row in enumerate(out) if row.get("demonstration")]
+        responses = [response_text(kept_prompts[i], out[i]["demonstration"]) for i in has_demo]
+        eos = [self.tokenizer.eos_token_id]  # appended: SFT teaches the model to stop
+        for i, ids in zip(has_demo, self._ids(responses), strict=True):
+            demo = ids + eos
+            if len(demo) > self.max_demo_length:
+                counts["demos_overlong"] += 1
+                demo = demo[: self.max_demo_length] if self.overlong_demos == "truncate" else None
+            out[i]["demo_ids"] = demo
+        return out, counts
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_rows:
             return
-        self.train_rows, dropped, overlong = self._tokenize(
-            self.train_rows_factory(), self.system_prompt, with_demos=True
-        )
+        raw = self.train_rows_factory()
+        self.train_rows, counts = self._tokenize(raw, self.system_prompt, with_demos=True)
         self.counts = {
             "train_rows": len(self.train_rows),
-            "prompts_too_long": dropped,
-            "demos_overlong": overlong,
+            "rows_skipped": sum(getattr(raw, "skipped", {}).values()),
+            **counts,
             "demos_available": sum(r.get("demo_ids") is not None for r in self.train_rows),
         }
-        for name, factory in self.eval_set_factories.items():
-            self.eval_sets[name], _, _ = self._tokenize(factory(), None, with_demos=False)
+        self.setup_eval_sets()
+        log.info("data: %s", self.counts)
         world = self.trainer.world_size if self.trainer is not None else 1
         if self.batch_size % world:
             raise ValueError(
@@ -110,20 +128,38 @@ class ReLIFTDataModule(L.LightningDataModule):
         if len(self.train_rows) < self.batch_size:
             raise ValueError(
                 f"only {len(self.train_rows)} usable training rows, fewer than data.batch_size="
-                f"{self.batch_size}"
+                f"{self.batch_size} (counts: {self.counts}); raise data.max_prompt_length or lower "
+                "data.batch_size"
             )
+
+    def setup_eval_sets(self) -> None:
+        """Loads and tokenizes only the eval sets (what ``evaluate.py`` needs), without a system
+        prompt."""
+        if self.eval_sets:
+            return
+        for name, factory in self.eval_set_factories.items():
+            raw = factory()
+            self.eval_sets[name], counts = self._tokenize(raw, None, with_demos=False)
+            self.counts[f"eval/{name}/rows"] = len(self.eval_sets[name])
+            dropped = counts["prompts_too_long"] + sum(getattr(raw, "skipped", {}).values())
+            if dropped:
+                self.counts[f"eval/{name}/dropped"] = dropped
+                log.warning("eval set %s: %d problems dropped (malformed or prompt too long)", name, dropped)
 
     @property
     def demos_available(self) -> int:
         return self.counts.get("demos_available", 0)
 
     def train_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size if self.trainer is not None else 1
-        return DataLoader(
-            self.train_rows,
-            batch_size=self.batch_size // world,
-            shuffle=True,
-            drop_last=True,
-            collate_fn=_keep_rows,
-            generator=torch.Generator().manual_seed(self.seed),
+        trainer = self.trainer
+        module = trainer.lightning_module if trainer is not None else None
+        sampler = StepBatchSampler(
+            num_rows=len(self.train_rows),
+            global_batch_size=self.batch_size,
+            seed=self.seed,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+            # Read when iteration starts, after a checkpoint restored the module's step counter.
+            start_step=lambda: getattr(module, "step_count", 0),
         )
+        return DataLoader(self.train_rows, batch_sampler=sampler, collate_fn=_keep_rows)

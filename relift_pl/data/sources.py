@@ -1,65 +1,222 @@
-"""Row sources: local jsonl/parquet files or a hub dataset, mapped to the common row schema.
+"""Row sources: local JSON Lines / parquet files or a hub dataset, mapped to the common row schema.
 
-Every source yields rows ``{id, problem, answer, demonstration}`` (plus any kept extra columns),
-the schema the toy world produces too.
+Every source yields rows ``{id, problem, answer, demonstration}`` (plus kept extra columns and an
+optional ``grading`` mode), the schema the toy world produces too. Malformed rows stop loading
+with an error naming the file and row, or are skipped and counted (``on_bad_row="skip"``).
+
+Why local JSON Lines files are read with the standard ``json`` module rather than ``datasets``:
+pyarrow's JSON reader rejects a whole file over one bad line without naming it, and when a column
+mixes strings and numbers ``datasets`` turns it into a ``Json`` feature that silently decodes the
+string ``"1"`` into the integer 1. Parquet files and hub ids go through ``datasets``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import gzip
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from datasets import load_dataset
 
-DEFAULT_COLUMNS = {"id": "id", "problem": "problem", "answer": "answer", "demonstration": "solution"}
+from relift_pl.rewards.extract import THINK_CLOSE, last_boxed, split_think
+
+log = logging.getLogger(__name__)
+
+# Schema field -> source column. ``demonstration`` is off unless a preset names its column.
+DEFAULT_COLUMNS: dict[str, str | None] = {
+    "id": "id",
+    "problem": "problem",
+    "answer": "answer",
+    "demonstration": None,
+}
+# A stated final answer: \boxed{...}, or MATH's brace-less "\boxed 5".
+_FINAL_ANSWER = re.compile(r"\\(?:boxed|fbox)\s*(?:\{|[^\s{])")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+GRADING_MODES = ("math", "choice", "auto")
 
 
-def _load(path_or_id: str, split: str):
+class BadRowError(ValueError):
+    """A row that cannot be used; the message names the file, the row and the fix."""
+
+
+class LoadedRows(list):
+    """The usable rows of one source (a plain list) plus what was skipped and why.
+
+    Attributes:
+        source: the file or hub id the rows came from.
+        skipped: reason -> number of rows skipped (empty unless ``on_bad_row="skip"``).
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], source: str, skipped: Counter) -> None:
+        super().__init__(rows)
+        self.source = source
+        self.skipped = skipped
+
+
+def _is_local(path_or_id: str) -> bool:
+    name = path_or_id[:-3] if path_or_id.endswith(".gz") else path_or_id
+    return Path(path_or_id).exists() or name.endswith(LOCAL_SUFFIXES)
+
+
+def _read_json_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """Yields one object per non-blank line of a (possibly gzipped) JSON Lines file."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # a .json file holding one array of objects
+        yield from json.loads(text)
+        return
+    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028 (GSM8K and GPQA do).
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BadRowError(f"{path}: line {number} is not valid JSON ({err.msg})") from err
+
+
+def _records(path_or_id: str, split: str, subset: str | None) -> Iterator[dict[str, Any]]:
+    if not _is_local(path_or_id):
+        # A hub id: the path users with a network take (offline machines fail fast here).
+        yield from load_dataset(path_or_id, subset, split=split)
+        return
     path = Path(path_or_id)
-    suffixes = "".join(path.suffixes)
-    if path.exists() or suffixes:
-        if not path.exists():
-            raise FileNotFoundError(f"data file {path_or_id!r} does not exist (check paths.data_dir)")
-        kind = "parquet" if suffixes.endswith(".parquet") else "json"
-        return load_dataset(kind, data_files=str(path), split="train")
-    return load_dataset(path_or_id, split=split)  # a hub id: the path users with a network take
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data file {path_or_id!r} does not exist: check paths.data_dir (env RELIFT_DATA_DIR) "
+            "or the path in the data config"
+        )
+    if path.name.removesuffix(".gz").endswith(".parquet"):
+        yield from load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        yield from _read_json_lines(path)
+
+
+def get_field(record: Mapping[str, Any], spec: str) -> Any:
+    """Reads a possibly nested column: ``"answer"``, ``"reward_model.ground_truth"``,
+    ``"prompt.-1.content"`` (the last message's content). Missing parts give None."""
+    value: Any = record
+    for part in spec.split("."):
+        if isinstance(value, Mapping):
+            value = value.get(part)
+        elif isinstance(value, Sequence) and not isinstance(value, str):
+            try:
+                value = value[int(part)]
+            except (ValueError, IndexError):
+                return None
+        else:
+            return None
+    return value
+
+
+def _problem_with_row(row: dict[str, Any], columns: Mapping[str, str | None]) -> str | None:
+    """Why a mapped row is unusable (None when it is fine)."""
+    for field in ("problem", "answer", "demonstration"):
+        source = columns.get(field)
+        if not source:
+            continue
+        value = row.get(field)
+        if value is None:
+            return f"has no '{source}' ({field})"
+        if not isinstance(value, str):
+            return f"has {type(value).__name__} in '{source}' ({field}), expected a string"
+        if not value.strip():
+            return f"has an empty '{source}' ({field})"
+    if columns.get("demonstration") and not _FINAL_ANSWER.search(row["demonstration"]):
+        return "has a demonstration with no final \\boxed{} answer"
+    return None
+
+
+def _response_format_problem(demonstration: str) -> str | None:
+    """Why a formatted demonstration would not earn reward (None when it would)."""
+    _, answer_part = split_think(demonstration)
+    if answer_part is None:
+        return f"has a demonstration with no {THINK_CLOSE} once demo_template is applied"
+    if last_boxed(answer_part) is None:
+        return f"has a demonstration with no \\boxed{{}} after its last {THINK_CLOSE}"
+    return None
 
 
 def load_rows(
     path: str,
-    columns: Mapping[str, str] | None = None,
+    columns: Mapping[str, str | None] | None = None,
     split: str = "train",
+    subset: str | None = None,
     limit: int | None = None,
     demo_template: str = "{demonstration}",
     keep: Sequence[str] = (),
-) -> list[dict[str, Any]]:
-    """Loads rows and renames columns to the common schema.
+    grading: str | None = None,
+    on_bad_row: str = "error",
+) -> LoadedRows:
+    """Loads rows, maps columns to the common schema, checks them.
 
     Args:
         path: a ``.jsonl``/``.json``/``.parquet`` file (``.gz`` works) or a hub dataset id.
-        columns: schema field -> source column; ``demonstration`` may be absent (eval sets).
+        columns: schema field -> source column, merged over :data:`DEFAULT_COLUMNS`. Dotted
+            paths reach into nested columns (``reward_model.ground_truth``,
+            ``prompt.-1.content``). ``id: null`` numbers the rows; ``demonstration: null``
+            (the default) loads no demonstrations (eval sets).
         split: the hub split to read (local files have one).
-        limit: keep the first n rows.
-        demo_template: turns a worked solution into the response format the reward checks,
-            e.g. ``"{demonstration}\\n</think>\\n\\n\\boxed{{{answer}}}"``.
-        keep: extra source columns to carry along (e.g. ``level``).
+        subset: the hub config name, if the dataset has several.
+        limit: keep the first n usable rows.
+        demo_template: turns a demonstration into the response format the reward checks:
+            reasoning, ``</think>``, a final ``\\boxed{}`` answer. Fields: ``{demonstration}``,
+            ``{answer}``, ``{problem}``. Only checked when demonstrations are loaded.
+        keep: extra source columns (dotted paths allowed) carried along under their own name.
+        grading: ``math``, ``choice`` or ``auto``: how evaluation grades this set's answers
+            (stored on each row); None leaves it to the reward's own ``mode``.
+        on_bad_row: ``error`` (stop at the first malformed row) or ``skip`` (drop and count it).
+
+    Returns:
+        The usable rows, as a :class:`LoadedRows` list that also records skipped rows.
+
+    Raises:
+        BadRowError: a malformed row, when ``on_bad_row="error"``; or duplicate ids.
+        FileNotFoundError: a local path that does not exist.
     """
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if grading is not None and grading not in GRADING_MODES:
+        raise ValueError(f"grading must be one of {GRADING_MODES} or null, got {grading!r}")
     columns = {**DEFAULT_COLUMNS, **(columns or {})}
-    dataset = _load(path, split)
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    rows = []
-    for index, record in enumerate(dataset):
-        row = {field: record.get(source) for field, source in columns.items() if source}
-        row["id"] = str(row.get("id") if row.get("id") is not None else f"{Path(path).stem}-{index}")
-        for field in ("problem", "answer"):
-            if not isinstance(row.get(field), str) or not row[field].strip():
-                raise ValueError(
-                    f"{path}: row {index} has no usable '{columns[field]}' ({field}); fix or drop the row"
-                )
-        if row.get("demonstration"):
+    stem = Path(path).name.split(".")[0]
+    rows: list[dict[str, Any]] = []
+    skipped: Counter = Counter()
+    first_seen: dict[str, int] = {}
+    for index, record in enumerate(_records(path, split, subset)):
+        if limit is not None and len(rows) >= limit:
+            break
+        row = {field: get_field(record, source) for field, source in columns.items() if source}
+        problem = _problem_with_row(row, columns)
+        if problem is None and columns.get("demonstration"):
             row["demonstration"] = demo_template.format(**row)
-        row.update({name: record.get(name) for name in keep})
+            problem = _response_format_problem(row["demonstration"])
+        if problem is not None:
+            if on_bad_row == "error":
+                raise BadRowError(
+                    f"{path}: row {index} (counting from 0) {problem}. Fix or remove the row, "
+                    "or set on_bad_row=skip on this source to drop and count such rows."
+                )
+            skipped[problem] += 1
+            continue
+        row_id = row.get("id")
+        row["id"] = str(row_id) if row_id is not None else f"{stem}-{index}"
+        if row["id"] in first_seen:
+            raise BadRowError(
+                f"{path}: rows {first_seen[row['id']]} and {index} share the id {row['id']!r}; "
+                "ids must be unique (set columns.id: null to number rows instead)"
+            )
+        first_seen[row["id"]] = index
+        row.update({name: get_field(record, name) for name in keep})
+        if grading is not None:
+            row["grading"] = grading
         rows.append(row)
-    return rows
+    if skipped:
+        log.warning("%s: skipped %d malformed rows: %s", path, sum(skipped.values()), dict(skipped))
+    return LoadedRows(rows, path, skipped)

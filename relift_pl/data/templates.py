@@ -1,30 +1,110 @@
-"""Prompt and demonstration formatting through the tokenizer's own chat template."""
+"""Prompt and demonstration formatting through a chat template.
+
+The chat template (not hand-written strings) decides the format, so the policy sees the same
+prompt at train and eval time. ``chat_template`` picks it:
+
+- ``model``: the tokenizer's own template;
+- ``qwen_think``: ChatML whose generation prompt ends with ``<think>\\n``, the reference's
+  "16k-think" Qwen2.5-Math template (stock Qwen templates do not open a think block);
+- ``auto``: the tokenizer's own template if its generation prompt already ends with
+  ``<think>``, else ``qwen_think``;
+- any other string: a Jinja chat template, used as is.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from relift_pl.rewards.extract import THINK_OPEN
 
-def prompt_ids(tokenizer, problem: str, system_prompt: str | None = None) -> list[int]:
-    """Token ids of the chat-formatted prompt, ending with the generation prompt.
+log = logging.getLogger(__name__)
 
-    The chat template (not hand-written strings) decides the format, so a model's own template,
-    such as Qwen-math's ``<think>``-ending one, is what the policy sees at train and eval time.
+# Unlike the stock Qwen templates, no default system message when none is given: evaluation
+# drops the system prompt, as the reference does.
+QWEN_THINK_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}"
+)
+NAMED_TEMPLATES = {"qwen_think": QWEN_THINK_TEMPLATE}
+
+
+def _render(tokenizer, messages: list[dict[str, Any]], template: str | None) -> str:
+    kwargs = {"chat_template": template} if template is not None else {}
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False, **kwargs
+    )
+
+
+def resolve_chat_template(tokenizer, chat_template: str = "model") -> str | None:
+    """The Jinja template to render prompts with; None means the tokenizer's own.
+
+    Args:
+        tokenizer: the policy's tokenizer.
+        chat_template: ``model``, ``auto``, a name in :data:`NAMED_TEMPLATES`, or Jinja.
     """
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template: set one "
-            "in its tokenizer_config.json or pick a model directory that ships one"
-        )
+    if chat_template in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[chat_template]
+    if chat_template not in ("model", "auto"):
+        if "{{" not in chat_template and "{%" not in chat_template:
+            names = ", ".join(["model", "auto", *NAMED_TEMPLATES])
+            raise ValueError(
+                f"data.chat_template={chat_template!r} is neither one of {names} nor a Jinja template"
+            )
+        return chat_template
+    own = getattr(tokenizer, "chat_template", None)
+    if chat_template == "model":
+        if own is None:
+            raise ValueError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template: set "
+                "data.chat_template=qwen_think (or a Jinja string) or use a model that ships one"
+            )
+        return None
+    if own is not None:
+        opened = _render(tokenizer, [{"role": "user", "content": "x"}], None)
+        if opened.rstrip().endswith(THINK_OPEN):
+            return None
+    log.info("the tokenizer's chat template does not open <think>: using qwen_think")
+    return QWEN_THINK_TEMPLATE
+
+
+def prompt_text(
+    tokenizer, problem: str, system_prompt: str | None = None, template: str | None = None
+) -> str:
+    """The chat-formatted prompt, ending with the generation prompt.
+
+    Args:
+        tokenizer: the policy's tokenizer.
+        problem: the user turn.
+        system_prompt: a system message (training only; evaluation passes None).
+        template: a Jinja template from :func:`resolve_chat_template`; None for the tokenizer's.
+    """
     messages: list[dict[str, Any]] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
     messages.append({"role": "user", "content": problem})
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return _render(tokenizer, messages, template)
+
+
+def prompt_ids(
+    tokenizer, problem: str, system_prompt: str | None = None, template: str | None = None
+) -> list[int]:
+    """Token ids of :func:`prompt_text` (the template already holds any special tokens)."""
+    text = prompt_text(tokenizer, problem, system_prompt, template)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def demonstration_ids(tokenizer, demonstration: str) -> list[int]:
-    """Token ids of a demonstration response, EOS appended so SFT teaches the model to stop."""
-    ids = tokenizer(demonstration, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id]
+def response_text(prompt: str, demonstration: str) -> str:
+    """The demonstration as a continuation of ``prompt``.
+
+    A trace that opens with ``<think>`` (R1 style) loses that tag when the generation prompt has
+    already opened it, as in the reference's dataset (no doubled ``<think>``).
+    """
+    body = demonstration.lstrip()
+    if prompt.rstrip().endswith(THINK_OPEN) and body.startswith(THINK_OPEN):
+        body = body[len(THINK_OPEN) :]
+        # The prompt's own whitespace after <think> stands in for the trace's.
+        return body.lstrip() if prompt != prompt.rstrip() else body
+    return demonstration

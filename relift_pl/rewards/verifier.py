@@ -174,14 +174,26 @@ class MathVerifyReward:
         self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
         self._workers.extend(self._spawn() for _ in range(num_workers))
 
-    def __call__(self, responses: list[str], golds: list[str]) -> RewardOutput:
-        """Scores each response against its gold answer; see the class docstring."""
+    def __call__(
+        self, responses: list[str], golds: list[str], modes: list[str | None] | None = None
+    ) -> RewardOutput:
+        """Scores each response against its gold answer; see the class docstring.
+
+        Args:
+            responses: decoded completions.
+            golds: one gold answer per response.
+            modes: optional per-item grading mode (``math``/``choice``/``auto``; None for the
+                reward's own ``mode``), e.g. ``choice`` for ARC-c's digit-numbered options.
+        """
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} golds")
+        modes = modes if modes is not None else [None] * len(golds)
+        if len(modes) != len(golds):
+            raise ValueError(f"{len(modes)} modes but {len(golds)} golds")
         rewards = [0.0] * len(responses)
         jobs = []
-        for idx, (response, gold) in enumerate(zip(responses, golds, strict=True)):
-            score, job = self._prescore(response, gold)
+        for idx, (response, gold, mode) in enumerate(zip(responses, golds, modes, strict=True)):
+            score, job = self._prescore(response, gold, mode or self.mode)
             if job is None:
                 rewards[idx] = score
             else:
@@ -194,15 +206,18 @@ class MathVerifyReward:
         statuses = [status for _, status in results.values()]
         return RewardOutput(rewards, statuses.count(TIMEOUT), statuses.count(FAILURE))
 
-    def _prescore(self, response: str, gold: str) -> tuple[float, tuple[str, str] | None]:
+    def _prescore(
+        self, response: str, gold: str, mode: str
+    ) -> tuple[float, tuple[str, str] | None]:
         """Cheap in-parent scoring; returns (score, None) or (0, (gold, pred)) for math-verify."""
+        if mode not in ("math", "choice", "auto"):
+            raise ValueError(f"unknown grading mode {mode!r}")
         _, answer = extract.split_think(response)
         if answer is None:
             if self.require_think_close:
                 return 0.0, None
             answer = response
         gold = extract.normalize_answer(gold)
-        mode = self.mode
         if mode == "auto":
             mode = "choice" if len(gold) == 1 and gold in "ABCDE" else "math"
         if mode == "choice":

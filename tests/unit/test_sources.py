@@ -1,0 +1,153 @@
+"""Row sources: column mapping, malformed-row errors and skip counts, gz files, the OpenR1 schema."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra.utils import instantiate
+
+from relift_pl.data.sources import BadRowError, get_field, load_rows
+
+DEMO_TEMPLATE = "{demonstration}\n</think>\n\nThe final answer is $\\boxed{{{answer}}}$."
+WITH_DEMOS = {"columns": {"demonstration": "solution"}, "demo_template": DEMO_TEMPLATE}
+GOOD = {"id": "ok", "problem": "1+1?", "answer": "2", "solution": "1+1=\\boxed{2}"}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+BAD_ROWS = [
+    pytest.param({"id": "x", "answer": "2", "solution": "\\boxed{2}"}, "has no 'problem'", id="missing-problem"),
+    pytest.param({**GOOD, "id": "x", "answer": "  "}, "has an empty 'answer'", id="empty-answer"),
+    pytest.param({**GOOD, "id": "x", "answer": 2}, "has int in 'answer'", id="non-string-answer"),
+    pytest.param({**GOOD, "id": "x", "problem": ["a"]}, "has list in 'problem'", id="non-string-problem"),
+    pytest.param({**GOOD, "id": "x", "solution": "so it is 2."}, "no final \\boxed{} answer", id="demo-without-answer"),
+    pytest.param({**GOOD, "id": "x", "solution": None}, "has no 'solution'", id="missing-demo"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_ROWS)
+def test_bad_row_error_names_file_row_and_fix(tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, {**GOOD, "id": "ok2"}, bad])
+    with pytest.raises(BadRowError) as err:
+        load_rows(str(path), **WITH_DEMOS)
+    text = str(err.value)
+    assert str(path) in text and "row 2" in text
+    assert message in text
+    assert "on_bad_row=skip" in text  # says what to do
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_ROWS)
+def test_skip_knob_drops_and_counts(tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, bad, {**GOOD, "id": "ok2"}])
+    rows = load_rows(str(path), on_bad_row="skip", **WITH_DEMOS)
+    assert [r["id"] for r in rows] == ["ok", "ok2"]
+    assert sum(rows.skipped.values()) == 1
+    assert message in next(iter(rows.skipped))
+
+
+def test_invalid_json_names_the_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n{not json\n")
+    with pytest.raises(BadRowError, match=re.escape(f"{path}: line 3 is not valid JSON")):
+        load_rows(str(path))
+
+
+def test_u2028_inside_a_string_is_not_a_line_break(tmp_path):
+    # str.splitlines() would cut this row in two (GSM8K and GPQA hold such characters).
+    path = write_jsonl(tmp_path / "t.jsonl", [{**GOOD, "problem": "a\u2028b"}])
+    assert load_rows(str(path))[0]["problem"] == "a\u2028b"
+
+
+def test_duplicate_ids_are_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [GOOD, GOOD])
+    with pytest.raises(BadRowError, match="rows 0 and 1 share the id 'ok'"):
+        load_rows(str(path))
+
+
+def test_missing_file_names_the_path_setting(tmp_path):
+    with pytest.raises(FileNotFoundError, match="paths.data_dir"):
+        load_rows(str(tmp_path / "nope.jsonl"))
+
+
+def test_template_must_yield_the_response_format(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [GOOD])
+    with pytest.raises(BadRowError, match="no </think> once demo_template is applied"):
+        load_rows(str(path), columns={"demonstration": "solution"}, demo_template="{demonstration}")
+
+
+def test_demo_template_builds_the_response_format(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [GOOD])
+    row = load_rows(str(path), keep=["solution"], grading="math", **WITH_DEMOS)[0]
+    assert row["demonstration"] == "1+1=\\boxed{2}\n</think>\n\nThe final answer is $\\boxed{2}$."
+    assert row["solution"] == GOOD["solution"] and row["grading"] == "math"
+
+
+def test_gzip_limit_and_numbered_ids(tmp_path):
+    path = tmp_path / "t.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for i in range(5):
+            f.write(json.dumps({"problem": f"p{i}", "answer": str(i)}) + "\n")
+    rows = load_rows(str(path), columns={"id": None}, limit=3)
+    assert [r["id"] for r in rows] == ["t-0", "t-1", "t-2"]
+    assert [r["answer"] for r in rows] == ["0", "1", "2"]
+
+
+def test_get_field_paths():
+    record = {"a": {"b": [{"c": 1}, {"c": 2}]}, "s": "text"}
+    assert get_field(record, "a.b.-1.c") == 2
+    assert get_field(record, "a.b.0.c") == 1
+    assert get_field(record, "a.b.5.c") is None
+    assert get_field(record, "s.0") is None  # strings are not indexed into
+    assert get_field(record, "missing.x") is None
+
+
+# The Elliott/Openr1-Math-46k-8192 schema (as LUFFY / ReLIFT read it): prompt = [system, user]
+# messages, target = [assistant message], reward_model.ground_truth; extra_info.index is -1.
+SYSTEM = "Your task is to follow a systematic, thorough reasoning process..."
+OPENR1_ROWS = [
+    {
+        "data_source": "olympiads",
+        "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What is {i}+{i}?"}],
+        "target": [{"role": "assistant", "content": f"<think>\nAdd: {i}+{i}={2 * i}.\n</think>\n\nSo \\boxed{{{2 * i}}}."}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": str(2 * i)},
+        "extra_info": {"index": -1, "split": "default"},
+    }
+    for i in range(4)
+]
+
+
+def openr1_source(make_cfg, path: Path):
+    """The preset's real row source, pointed at a local parquet file."""
+    cfg = make_cfg("data=openr1_math", f"data.train_rows.path={path}")
+    return instantiate(cfg.data.train_rows)
+
+
+def test_openr1_parquet_schema_through_the_preset(make_cfg, tmp_path):
+    path = tmp_path / "openr1.parquet"
+    pd.DataFrame(OPENR1_ROWS).to_parquet(path)
+    rows = openr1_source(make_cfg, path)()
+    assert len(rows) == 4
+    row = rows[3]
+    assert row["problem"] == "What is 3+3?"  # the user turn; the dataset's system turn is dropped
+    assert row["answer"] == "6"
+    assert row["demonstration"] == OPENR1_ROWS[3]["target"][0]["content"]  # the trace, as is
+    assert row["data_source"] == "olympiads"
+    assert len({r["id"] for r in rows}) == 4  # extra_info.index (-1) is not used as the id
+
+
+def test_openr1_trace_without_answer_after_think_is_rejected(make_cfg, tmp_path):
+    broken = json.loads(json.dumps(OPENR1_ROWS))
+    broken[1]["target"][0]["content"] = "<think>\nmaybe \\boxed{2}</think>\n\nI am not sure."
+    path = tmp_path / "openr1.parquet"
+    pd.DataFrame(broken).to_parquet(path)
+    with pytest.raises(BadRowError, match=r"row 1 .*no \\boxed\{\} after its last </think>"):
+        openr1_source(make_cfg, path)()
