@@ -3,5 +3,6 @@
 from callbacks.evaluation import BenchmarkEvaluation
 from callbacks.hard_question_mining import HardQuestionMining
 from callbacks.sample_logger import SampleCompletionsLogger
+from callbacks.vllm_weight_sync import VLLMWeightSync
 
-__all__ = ["BenchmarkEvaluation", "HardQuestionMining", "SampleCompletionsLogger"]
+__all__ = ["BenchmarkEvaluation", "HardQuestionMining", "SampleCompletionsLogger", "VLLMWeightSync"]

@@ -23,6 +23,14 @@ def all_reduce_sum(value: Tensor) -> Tensor:
     return value
 
 
+def all_reduce_max(value: Tensor) -> Tensor:
+    """Max over ranks (a bound that every rank must check alike)."""
+    value = value.detach().clone().float()
+    if world_size_and_rank()[0] > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def all_gather_objects(items: list[Any]) -> list[Any]:
     """Concatenates every rank's list, in rank order, on every rank."""
     world, _ = world_size_and_rank()

@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from relift_pl.algorithms import group_advantages, policy_logprobs
+from relift_pl.algorithms.mismatch import logprob_diff, truncated_is_weights
 from relift_pl.buffer import DemonstrationBuffer
 from relift_pl.config import AlgorithmConfig
-from relift_pl.distributed import all_reduce_sum, world_size_and_rank
+from relift_pl.distributed import all_reduce_max, all_reduce_sum, world_size_and_rank
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, left_pad, right_pad
 
 
@@ -54,6 +55,10 @@ class ReLIFTModule(L.LightningModule):
         reward_fn: factory ``() -> callable(responses, golds) -> RewardOutput``, called in ``setup()``.
         sampling: training rollout sampling settings (``n`` is set to the group size).
         max_steps: training steps (batches) to run; each is one RL step and at most one SFT step.
+        max_logprob_diff: raise when the largest |engine - trainer| log-prob of a sampled token
+            exceeds it (a stale or broken weight sync); needs an engine that returns log-probs.
+        tis_cap: truncated importance sampling against the engine/trainer mismatch: token
+            weights exp(trainer_old - engine) capped at this value multiply the PG loss. None: off.
     """
 
     def __init__(
@@ -65,11 +70,16 @@ class ReLIFTModule(L.LightningModule):
         reward_fn: Callable[[], Callable],
         sampling: SamplingParams,
         max_steps: int = 50,
+        max_logprob_diff: float | None = None,
+        tis_cap: float | None = None,
     ) -> None:
         super().__init__()
         algorithm.validate()
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        for key, value in (("max_logprob_diff", max_logprob_diff), ("tis_cap", tis_cap)):
+            if value is not None and value <= 0:
+                raise ValueError(f"rollout.{key} must be > 0 or null, got {value}")
         self.automatic_optimization = False
         self.policy = policy
         self.tokenizer = tokenizer
@@ -78,6 +88,8 @@ class ReLIFTModule(L.LightningModule):
         self.sft_loss = algorithm.sft_loss
         self.sampling = SamplingParams(**{**sampling.__dict__, "n": algorithm.group_size})
         self.max_steps = max_steps
+        self.max_logprob_diff = max_logprob_diff
+        self.tis_cap = tis_cap
         self._make_engine = rollout_engine
         self._make_reward = reward_fn
         self.rollout_engine: RolloutEngine | None = None
@@ -97,6 +109,11 @@ class ReLIFTModule(L.LightningModule):
         if self.rollout_engine is None:
             self.rollout_engine = self._make_engine()
             self.rollout_engine.bind(self.policy, self.tokenizer)
+        if (self.max_logprob_diff or self.tis_cap) and not self.rollout_engine.returns_logprobs:
+            raise ValueError(
+                "rollout.max_logprob_diff / rollout.tis_cap need an engine that returns log-probs "
+                f"({type(self.rollout_engine).__name__} does not; use rollout=vllm)"
+            )
         if self.reward_fn is None:
             self.reward_fn = self._make_reward()
 
@@ -135,7 +152,14 @@ class ReLIFTModule(L.LightningModule):
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> RolloutBatch:
         """Samples from the current policy; callbacks get ``on_before_rollout`` first (weight sync)."""
         self._notify("on_before_rollout")
-        return self.rollout_engine.generate(prompt_ids, sampling)
+        engine = self.rollout_engine
+        if engine.needs_weight_sync and getattr(engine, "synced_version", None) != self.weights_version:
+            raise RuntimeError(
+                f"{type(engine).__name__} holds weights version {engine.synced_version}, the policy "
+                f"is at {self.weights_version}: no callback pushed the weights. Keep "
+                "callbacks.vllm_weight_sync (callbacks.VLLMWeightSync) in the callbacks config."
+            )
+        return engine.generate(prompt_ids, sampling)
 
     def decode_responses(self, batch: RolloutBatch) -> list[str]:
         eos = self.tokenizer.eos_token_id
@@ -221,6 +245,10 @@ class ReLIFTModule(L.LightningModule):
                     for idx in self._micro_batches(torch.arange(n), self.algo.micro_batch_size)
                 ])
 
+        # The engine's log-probs of its own samples (vLLM): checked against the trainer's below.
+        engine_logprobs = None if rollout.logprobs is None else rollout.logprobs.to(device)  # [N, R]
+        trainer_old = torch.zeros_like(response_mask)  # [N, R] filled per micro-batch
+        tis_weights = torch.zeros_like(response_mask) if self.tis_cap else None  # [N, R]
         totals: dict[str, float] = {}
         for mini in mini_batches:
             num_tokens = all_reduce_sum(response_mask[mini].sum())
@@ -232,9 +260,16 @@ class ReLIFTModule(L.LightningModule):
                     temperature=temperature, with_entropy=True,
                 )
                 old = logprobs.detach() if old_logprobs is None else old_logprobs[idx]
+                trainer_old[idx] = old
+                is_weights = None
+                if self.tis_cap and engine_logprobs is not None:
+                    is_weights = truncated_is_weights(
+                        old, engine_logprobs[idx], response_mask[idx], self.tis_cap
+                    )
+                    tis_weights[idx] = is_weights
                 loss, parts = self.pg_loss(
                     logprobs, old, advantages[idx], response_mask[idx], entropy=entropy,
-                    num_tokens=num_tokens, num_seqs=num_seqs,
+                    is_weights=is_weights, num_tokens=num_tokens, num_seqs=num_seqs,
                 )
                 self.manual_backward(loss)
                 weight = len(idx) / len(mini)
@@ -244,7 +279,41 @@ class ReLIFTModule(L.LightningModule):
             sums["rl/grad_norm"] = self._optimizer_step(optimizer, self.algo.rl_grad_clip, "rl")
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + value / len(mini_batches)
+        if engine_logprobs is not None:
+            totals |= self._mismatch_metrics(trainer_old, engine_logprobs, response_mask, tis_weights)
         return totals
+
+    def _mismatch_metrics(
+        self, trainer_old: Tensor, engine_logprobs: Tensor, response_mask: Tensor,
+        tis_weights: Tensor | None,
+    ) -> dict[str, float]:
+        """Engine vs trainer log-probs of the sampled tokens (global over ranks); verifies the sync.
+
+        Args:
+            trainer_old: [N, R] the trainer's log-probs before this step's update.
+            engine_logprobs: [N, R] the rollout engine's log-probs of the same tokens.
+            response_mask: [N, R] 1 on response tokens.
+            tis_weights: [N, R] the truncated IS weights used, or None when TIS is off.
+        """
+        diff = logprob_diff(trainer_old, engine_logprobs, response_mask)  # [N, R]
+        count = all_reduce_sum(response_mask.sum()).clamp(min=1)
+        diff_max = float(all_reduce_max(diff.max()))
+        metrics = {
+            "rollout/logprob_diff_mean": float(all_reduce_sum(diff.sum()) / count),
+            "rollout/logprob_diff_max": diff_max,
+        }
+        if self.max_logprob_diff is not None and diff_max > self.max_logprob_diff:
+            raise RuntimeError(
+                f"training step {self.step_count} (RL step {self.rl_step}): the rollout engine's "
+                f"log-probs of its sampled tokens differ from the trainer's by up to {diff_max:.4g} "
+                f"(mean {metrics['rollout/logprob_diff_mean']:.3g}), above "
+                f"rollout.max_logprob_diff={self.max_logprob_diff}. The engine's weights are stale "
+                "or the weight sync is broken (raise the knob only if the engine's dtype explains it)."
+            )
+        if tis_weights is not None:
+            metrics["rollout/tis_weight_mean"] = float(all_reduce_sum(tis_weights.sum()) / count)
+            metrics["rollout/tis_weight_max"] = float(all_reduce_max(tis_weights.max()))
+        return metrics
 
     def _rollout_metrics(self, rollout: RolloutBatch, rewards: Tensor, scored) -> dict[str, float]:
         lengths = rollout.response_lengths.float()

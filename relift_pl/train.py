@@ -46,6 +46,8 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, ReLIFTModule, L.LightningDataModu
         reward_fn=instantiate(cfg.reward),
         sampling=SamplingParams(**OmegaConf.to_container(cfg.rollout.sampling)),
         max_steps=cfg.max_steps,
+        max_logprob_diff=cfg.rollout.get("max_logprob_diff"),
+        tis_cap=cfg.rollout.get("tis_cap"),
     )
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
