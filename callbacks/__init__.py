@@ -2,7 +2,8 @@
 
 from callbacks.evaluation import BenchmarkEvaluation
 from callbacks.hard_question_mining import HardQuestionMining
+from callbacks.preemption import PreemptionCheckpoint
 from callbacks.sample_logger import SampleCompletionsLogger
 from callbacks.vllm_weight_sync import VLLMWeightSync
 
-__all__ = ["BenchmarkEvaluation", "HardQuestionMining", "SampleCompletionsLogger", "VLLMWeightSync"]
+__all__ = ["BenchmarkEvaluation", "HardQuestionMining", "PreemptionCheckpoint", "SampleCompletionsLogger", "VLLMWeightSync"]

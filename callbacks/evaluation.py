@@ -1,14 +1,55 @@
-"""Benchmark evaluation: avg@k and pass@k on held-out sets, sampled through the run's rollout engine."""
+"""Benchmark evaluation: avg@k and pass@k on held-out sets, sampled through the run's rollout engine.
+
+The callback decides WHEN (before training, every n training steps, at the end); the scoring
+itself (:meth:`BenchmarkEvaluation.evaluate`) is also what ``evaluate.py`` runs, so a score in a
+training log and one in ``results.md`` come from the same code.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from torchmetrics.aggregation import MeanMetric
 
+from relift_pl.distributed import world_size_and_rank
 from relift_pl.rollout.base import SamplingParams
+
+# progress(set name, problems scored so far on this rank, problems on this rank)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class SetScore:
+    """One benchmark's result."""
+
+    name: str
+    avg_at_k: float
+    """Mean correctness of the k samples, averaged over problems (the paper's avg@k)."""
+    pass_at_k: float
+    """Share of problems with at least one correct sample among k."""
+    num_problems: int
+    """Problems scored (after the problem limit), over all ranks."""
+    k: int
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            f"val/{self.name}/avg@{self.k}": self.avg_at_k,
+            f"val/{self.name}/pass@{self.k}": self.pass_at_k,
+        }
+
+
+def metrics_of(scores: list[SetScore]) -> dict[str, float]:
+    """``val/<set>/avg@k``, ``val/<set>/pass@k`` and ``val/avg`` (mean of the avg@k values)."""
+    metrics: dict[str, float] = {}
+    for score in scores:
+        metrics |= score.metrics()
+    if scores:
+        metrics["val/avg"] = sum(s.avg_at_k for s in scores) / len(scores)
+    return metrics
 
 
 class BenchmarkEvaluation(L.Callback):
@@ -16,7 +57,10 @@ class BenchmarkEvaluation(L.Callback):
 
     For each set it samples ``k`` completions per problem and logs ``val/<set>/avg@k`` (mean
     correctness), ``val/<set>/pass@k`` (any correct) and ``val/avg`` (mean of the avg@k values).
-    torchmetrics reduces the per-problem values across ranks, so each rank can score its share.
+    torchmetrics reduces the per-problem values across ranks, so each rank scores its share. A
+    row's ``grading`` field (``choice`` for GPQA / ARC-c) reaches the reward as its mode.
+    ``val/avg`` lands in ``trainer.callback_metrics`` before any checkpoint callback of the same
+    step runs, so ``ModelCheckpoint(monitor="val/avg")`` with the same period keeps the best.
 
     Args:
         every_n_steps: evaluate every n training steps (0: only before/after training).
@@ -24,10 +68,13 @@ class BenchmarkEvaluation(L.Callback):
         temperature: sampling temperature (the reference evaluates at 0.6).
         top_p: nucleus mass.
         max_new_tokens: longest completion.
-        max_problems: first n problems of each set (keeps CPU runs short); None for all.
+        max_problems: first n problems of each set (keeps CPU runs short): one int for every
+            set, or ``{set name: n}`` for some sets (the others are scored whole); None for all.
         batch_prompts: prompts per generate call.
         before_training: evaluate the starting policy too (the "before" column of the summary).
         after_training: evaluate once more at the end if the last step was not evaluated.
+        seed: sampling seed, so the same policy gets the same score, and evaluation leaves the
+            training random streams untouched; None samples from the global streams.
     """
 
     def __init__(
@@ -37,11 +84,14 @@ class BenchmarkEvaluation(L.Callback):
         temperature: float = 0.6,
         top_p: float = 1.0,
         max_new_tokens: int = 1024,
-        max_problems: int | None = None,
+        max_problems: int | Mapping[str, int] | None = None,
         batch_prompts: int = 64,
         before_training: bool = True,
         after_training: bool = True,
+        seed: int | None = 0,
     ) -> None:
+        if batch_prompts < 1:
+            raise ValueError(f"callbacks.evaluation.batch_prompts must be >= 1, got {batch_prompts}")
         self.every_n_steps = every_n_steps
         self.sampling = SamplingParams(
             n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
@@ -50,12 +100,14 @@ class BenchmarkEvaluation(L.Callback):
         self.batch_prompts = batch_prompts
         self.before_training = before_training
         self.after_training = after_training
+        self.seed = seed
         self.history: list[tuple[int, dict[str, float]]] = []
 
     @property
     def k(self) -> int:
         return self.sampling.n
 
+    # -- when ----------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, module) -> None:
         if self.before_training and not self.history:
             self.run(trainer, module)
@@ -65,19 +117,23 @@ class BenchmarkEvaluation(L.Callback):
             self.run(trainer, module)
 
     def on_train_end(self, trainer: L.Trainer, module) -> None:
+        if getattr(module, "preempted", False):
+            return  # a preempted run leaves quickly; the resumed run evaluates at its end
         if self.after_training and (not self.history or self.history[-1][0] != module.step_count):
             self.run(trainer, module)
 
-    @torch.no_grad()
-    def run(self, trainer: L.Trainer, module) -> dict[str, float]:
-        """Scores every eval set now, logs the values and appends them to ``history``."""
-        eval_sets = getattr(trainer.datamodule, "eval_sets", {}) or {}
-        results: dict[str, float] = {}
-        for name, rows in eval_sets.items():
-            results |= self.score_set(module, name, rows[: self.max_problems])
+    def run(self, trainer: L.Trainer, module, eval_sets=None) -> dict[str, float]:
+        """Scores every eval set now, logs the values and appends them to ``history``.
+
+        Args:
+            trainer: logs go to its loggers; ``val/...`` into its ``callback_metrics``.
+            module: the policy module (``generate``, ``decode_responses``, ``reward_fn``).
+            eval_sets: name -> tokenized rows; default: ``trainer.datamodule.eval_sets``.
+        """
+        if eval_sets is None:
+            eval_sets = getattr(trainer.datamodule, "eval_sets", {}) or {}
+        results = metrics_of(self.evaluate(module, eval_sets))
         if results:
-            avgs = [v for key, v in results.items() if key.endswith(f"avg@{self.k}")]
-            results["val/avg"] = sum(avgs) / len(avgs)
             for logger in trainer.loggers:
                 logger.log_metrics(results, step=module.step_count)
             # ModelCheckpoint(monitor="val/avg") reads callback_metrics.
@@ -85,10 +141,43 @@ class BenchmarkEvaluation(L.Callback):
             self.history.append((module.step_count, results))
         return results
 
-    def score_set(self, module, name: str, rows: list[dict[str, Any]]) -> dict[str, float]:
-        world, rank = module.trainer.world_size, module.trainer.global_rank
+    # -- how -----------------------------------------------------------------------------------
+    def limit(self, name: str) -> int | None:
+        """The problem limit of set ``name``."""
+        if isinstance(self.max_problems, Mapping):
+            return self.max_problems.get(name)
+        return self.max_problems
+
+    @torch.no_grad()
+    def evaluate(
+        self, module, eval_sets: Mapping[str, list[dict[str, Any]]], progress: Progress | None = None
+    ) -> list[SetScore]:
+        """Scores each set (first :meth:`limit` problems) with the module's engine and reward."""
+        if isinstance(self.max_problems, Mapping):
+            unknown = set(self.max_problems) - set(eval_sets)
+            if unknown:
+                raise ValueError(
+                    f"callbacks.evaluation.max_problems names {sorted(unknown)}, which are not eval "
+                    f"sets; the eval sets are {sorted(eval_sets)}"
+                )
+        devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices, enabled=self.seed is not None):
+            if self.seed is not None:
+                torch.manual_seed(self.seed + world_size_and_rank()[1])
+            return [
+                self.score_set(module, name, rows[: self.limit(name)], progress)
+                for name, rows in eval_sets.items()
+                if rows
+            ]
+
+    def score_set(
+        self, module, name: str, rows: list[dict[str, Any]], progress: Progress | None = None
+    ) -> SetScore:
+        """Samples k completions per problem of ``rows`` and grades them."""
+        world, rank = world_size_and_rank()
         mine = rows[rank::world]
-        avg, pas = MeanMetric(), MeanMetric()
+        # On the module's device: NCCL cannot reduce CPU tensors across ranks.
+        avg, pas = MeanMetric().to(module.device), MeanMetric().to(module.device)
         # Every rank runs the same number of generate calls (sharded engines need all ranks).
         per_rank = -(-len(rows) // world)
         for start in range(0, per_rank, self.batch_prompts):
@@ -99,17 +188,18 @@ class BenchmarkEvaluation(L.Callback):
                 continue
             texts = module.decode_responses(batch)
             golds = [row["answer"] for row in chunk for _ in range(self.k)]
-            correct = torch.tensor(module.reward_fn(texts, golds).rewards).view(-1, self.k)
+            modes = [row.get("grading") for row in chunk for _ in range(self.k)]
+            extra = {"modes": modes} if any(modes) else {}  # plain reward callables work too
+            scored = module.reward_fn(texts, golds, **extra)
+            correct = torch.tensor(scored.rewards, device=module.device).view(-1, self.k)  # [P, k]
             avg.update(correct.mean(dim=1))
             pas.update(correct.amax(dim=1))
-        return {
-            f"val/{name}/avg@{self.k}": float(avg.compute()),
-            f"val/{name}/pass@{self.k}": float(pas.compute()),
-        }
+            if progress is not None:
+                progress(name, start + len(chunk), len(mine))
+        return SetScore(name, float(avg.compute()), float(pas.compute()), len(rows), self.k)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [tuple(item) for item in state["history"]]
-

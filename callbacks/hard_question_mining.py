@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from relift_pl.checkpoint import nested_tuples
 from relift_pl.distributed import all_gather_objects, world_size_and_rank
 
 
@@ -68,10 +69,6 @@ class HardQuestionMining(L.Callback):
         return {"rng": self._rng.getstate(), "rows_without_demo": self.rows_without_demo}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._rng.setstate(_as_tuple(state["rng"]))
+        self._rng.setstate(nested_tuples(state["rng"]))
         self.rows_without_demo = state["rows_without_demo"]
 
-
-def _as_tuple(value):
-    # random.getstate() is nested tuples; a checkpoint round trip may turn them into lists.
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

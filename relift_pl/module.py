@@ -27,6 +27,7 @@ from torch import Tensor
 from relift_pl.algorithms import group_advantages, policy_logprobs
 from relift_pl.algorithms.mismatch import logprob_diff, truncated_is_weights
 from relift_pl.buffer import DemonstrationBuffer
+from relift_pl.checkpoint import rng_state, set_rng_state
 from relift_pl.config import AlgorithmConfig
 from relift_pl.distributed import all_reduce_max, all_reduce_sum, world_size_and_rank
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, left_pad, right_pad
@@ -80,6 +81,10 @@ class ReLIFTModule(L.LightningModule):
         for key, value in (("max_logprob_diff", max_logprob_diff), ("tis_cap", tis_cap)):
             if value is not None and value <= 0:
                 raise ValueError(f"rollout.{key} must be > 0 or null, got {value}")
+        if algorithm.rl_enabled and sampling.temperature <= 0:
+            raise ValueError(
+                f"rollout.sampling.temperature must be > 0 for RL rollouts, got {sampling.temperature}"
+            )
         self.automatic_optimization = False
         self.policy = policy
         self.tokenizer = tokenizer
@@ -102,6 +107,8 @@ class ReLIFTModule(L.LightningModule):
         self.demos_used: set[str] = set()
         self.skipped_steps = 0
         self._consecutive_skips = 0
+        self._pending_rng_state: dict[str, Any] | None = None
+        self.preempted = False  # set by the preemption callback when it stops the run
         self.weights_version = 0  # bumped by every applied optimizer step (weight-sync callbacks read it)
 
     # -- setup ---------------------------------------------------------------------------------
@@ -393,6 +400,7 @@ class ReLIFTModule(L.LightningModule):
             "consecutive_skips": self._consecutive_skips,
             "weights_version": self.weights_version,
             "buffer": self.buffer.state_dict(),
+            "rng": rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -405,3 +413,11 @@ class ReLIFTModule(L.LightningModule):
         self._consecutive_skips = state["consecutive_skips"]
         self.weights_version = state["weights_version"]
         self.buffer.load_state_dict(state["buffer"])
+        # Applied just before the next step: Lightning draws from the global RNG in between
+        # (the DataLoader iterator takes a base seed), which would shift every later sample.
+        self._pending_rng_state = state["rng"]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._pending_rng_state is not None:
+            set_rng_state(self._pending_rng_state)
+            self._pending_rng_state = None

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.evaluation import BenchmarkEvaluation
+from relift_pl.checkpoint import resolve_ckpt_path
 from relift_pl.models import load_policy, load_tokenizer, resolve_model_path
 from relift_pl.module import ReLIFTModule
 from relift_pl.rollout.base import SamplingParams
@@ -27,8 +28,9 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, ReLIFTModule, L.LightningDataModu
     """Instantiates trainer, module and datamodule (no training); tests use it too."""
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
-    L.seed_everything(cfg.seed, workers=True)
     model_path = resolve_model_path(cfg.model.name_or_path, instantiate(cfg.model.get("build")))
+    # Seeded after the (possibly freshly built) base exists: building it draws random numbers.
+    L.seed_everything(cfg.seed, workers=True)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     policy = load_policy(
         model_path,
@@ -73,7 +75,8 @@ def fit(cfg: DictConfig) -> FitResult:
     os.makedirs(cfg.paths.output_dir, exist_ok=True)
     started = time.time()
     trainer, module, datamodule = build(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     evaluation = next((c for c in trainer.callbacks if isinstance(c, BenchmarkEvaluation)), None)
     history = evaluation.history if evaluation else []
     summary = RunSummary(

@@ -1,0 +1,14 @@
+"""A quick toy configuration shared by the CPU run tests (tiny base, every prompt hardest)."""
+
+QUICK_TOY = [
+    "num_threads=1",
+    # A quick warm start with its own cache key: mechanics are tested here, not accuracy.
+    "model.build.steps=20",
+    "data.batch_size=4",
+    "algorithm.group_size=4",
+    "algorithm.buffer_threshold=4",
+    "algorithm.micro_batch_size=8",
+    "rollout.sampling.max_new_tokens=24",
+    "callbacks.evaluation.max_problems=4",
+    "callbacks.evaluation.k=2",
+]
