@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from data_fixtures import GOOD, OPENR1_ROWS
 from hydra.utils import instantiate
 
 from relift_pl.data.sources import BadRowError, get_field, load_rows
 
 DEMO_TEMPLATE = "{demonstration}\n</think>\n\nThe final answer is $\\boxed{{{answer}}}$."
 WITH_DEMOS = {"columns": {"demonstration": "solution"}, "demo_template": DEMO_TEMPLATE}
-GOOD = {"id": "ok", "problem": "1+1?", "answer": "2", "solution": "1+1=\\boxed{2}"}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -107,22 +107,6 @@ def test_get_field_paths():
     assert get_field(record, "a.b.5.c") is None
     assert get_field(record, "s.0") is None  # strings are not indexed into
     assert get_field(record, "missing.x") is None
-
-
-# The Elliott/Openr1-Math-46k-8192 schema (as LUFFY / ReLIFT read it): prompt = [system, user]
-# messages, target = [assistant message], reward_model.ground_truth; extra_info.index is -1.
-SYSTEM = "Your task is to follow a systematic, thorough reasoning process..."
-OPENR1_ROWS = [
-    {
-        "data_source": "olympiads",
-        "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What is {i}+{i}?"}],
-        "target": [{"role": "assistant", "content": f"<think>\nAdd: {i}+{i}={2 * i}.\n</think>\n\nSo \\boxed{{{2 * i}}}."}],
-        "ability": "math",
-        "reward_model": {"style": "rule", "ground_truth": str(2 * i)},
-        "extra_info": {"index": -1, "split": "default"},
-    }
-    for i in range(4)
-]
 
 
 def openr1_source(make_cfg, path: Path):
