@@ -92,6 +92,8 @@ class BenchmarkEvaluation(L.Callback):
     ) -> None:
         if batch_prompts < 1:
             raise ValueError(f"callbacks.evaluation.batch_prompts must be >= 1, got {batch_prompts}")
+        if k < 1:
+            raise ValueError(f"callbacks.evaluation.k must be >= 1 (samples per problem), got {k}")
         self.every_n_steps = every_n_steps
         self.sampling = SamplingParams(
             n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens

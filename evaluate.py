@@ -1,0 +1,22 @@
+"""Score a model or a training checkpoint on the benchmarks; writes results.{md,csv,png}.
+
+Examples:
+    python evaluate.py                                          # the toy base (model=tiny)
+    python evaluate.py model=pretrained model.name_or_path=/path/to/hf_model_dir trainer=gpu
+    python evaluate.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt
+    python evaluate.py callbacks.evaluation.max_problems=20 callbacks.evaluation.k=8
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from relift_pl.evaluate import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
