@@ -26,6 +26,12 @@ class AlgorithmConfig:
     """Sequences per forward/backward pass; gradients are accumulated by hand."""
     sft_micro_batch_size: int = 16
     """Demonstrations per forward/backward pass in the SFT step."""
+    max_tokens_per_micro_batch: int | None = None
+    """Token budget per micro-batch (rows x longest row), RL and SFT alike; rows are sorted by
+    length and packed up to it (and at most ``*micro_batch_size`` rows). None: fixed counts."""
+    offload_sft_optimizer: bool = False
+    """Keep the SFT AdamW's moments on the CPU between SFT steps (two Adam states over one
+    model do not fit otherwise at 7B scale; the reference offloads too)."""
     rl_grad_clip: float = 1.0
     """Max grad norm of RL steps (reference scripts: 0.7)."""
     sft_grad_clip: float = 1.0
@@ -57,10 +63,15 @@ class AlgorithmConfig:
         need(self.group_size >= 2 or not self.rl_enabled, "group_size", ">= 2 (GRPO compares samples within a group)", self.group_size)
         need(self.num_mini_batches >= 1, "num_mini_batches", ">= 1", self.num_mini_batches)
         need(self.micro_batch_size >= 1, "micro_batch_size", ">= 1", self.micro_batch_size)
+        need(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
+             "max_tokens_per_micro_batch", ">= 1 or null", self.max_tokens_per_micro_batch)
         need(self.sft_micro_batch_size >= 1, "sft_micro_batch_size", ">= 1", self.sft_micro_batch_size)
         need(self.rl_grad_clip > 0, "rl_grad_clip", "> 0", self.rl_grad_clip)
         need(self.sft_grad_clip > 0, "sft_grad_clip", "> 0", self.sft_grad_clip)
         need(self.buffer_threshold >= 1, "buffer_threshold", ">= 1", self.buffer_threshold)
+        need(self.buffer_capacity is None or self.buffer_capacity >= self.buffer_threshold,
+             "buffer_capacity", f">= buffer_threshold (M={self.buffer_threshold}) or null (4 x M)",
+             self.buffer_capacity)
         need(self.max_consecutive_skips >= 1, "max_consecutive_skips", ">= 1", self.max_consecutive_skips)
         need(self.buffer_selection in ("hardest", "all", "random"), "buffer_selection",
              "one of hardest, all, random", self.buffer_selection)

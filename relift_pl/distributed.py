@@ -39,3 +39,4 @@ def all_gather_objects(items: list[Any]) -> list[Any]:
     gathered: list[list[Any]] = [[] for _ in range(world)]
     dist.all_gather_object(gathered, items)
     return [item for part in gathered for item in part]
+

@@ -16,7 +16,8 @@ Deviations from the reference (verl) implementation, all deliberate:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from relift_pl.buffer import DemonstrationBuffer
 from relift_pl.checkpoint import rng_state, set_rng_state
 from relift_pl.config import AlgorithmConfig
 from relift_pl.distributed import all_reduce_max, all_reduce_sum, world_size_and_rank
+from relift_pl.micro_batching import MicroBatch, pad_plan, plan_micro_batches
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, left_pad, right_pad
 
 
@@ -87,6 +89,10 @@ class ReLIFTModule(L.LightningModule):
             )
         self.automatic_optimization = False
         self.policy = policy
+        # KL needs a frozen copy of the starting policy; without KL none is kept (no memory).
+        kl_on = algorithm.rl_enabled and getattr(algorithm.pg_loss, "kl_coef", 0) > 0
+        self.ref_policy = copy.deepcopy(policy).requires_grad_(False).eval() if kl_on else None
+        self._sharded = False
         self.tokenizer = tokenizer
         self.algo = algorithm
         self.pg_loss = algorithm.pg_loss
@@ -106,7 +112,7 @@ class ReLIFTModule(L.LightningModule):
         self.sft_step = 0
         self.demos_used: set[str] = set()
         self.skipped_steps = 0
-        self._consecutive_skips = 0
+        self._consecutive_skips: dict[str, int] = {}  # per optimizer: an SFT step must not hide RL NaNs
         self._pending_rng_state: dict[str, Any] | None = None
         self.preempted = False  # set by the preemption callback when it stops the run
         self.weights_version = 0  # bumped by every applied optimizer step (weight-sync callbacks read it)
@@ -131,6 +137,39 @@ class ReLIFTModule(L.LightningModule):
                 close()
         self.reward_fn = None
         self.rollout_engine = None
+
+    def configure_model(self) -> None:
+        """FSDP2 under ModelParallelStrategy: ``fully_shard`` each decoder layer, then the root.
+
+        Optimizers are built afterwards (``configure_optimizers``), over the sharded parameters.
+        With ``trainer.precision=bf16-mixed`` parameters are all-gathered and computed in bf16,
+        with fp32 master weights and fp32 gradient reduction (FSDP2's MixedPrecisionPolicy).
+        """
+        mesh = self.device_mesh
+        if mesh is None or self._sharded:
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "trainer.strategy.tensor_parallel_size must be 1: relift-pl shards with FSDP2 only"
+            )
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        kwargs = {"mesh": dp_mesh}
+        if "bf16" in str(self.trainer.precision):
+            kwargs["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+            )
+        for model in (self.policy, self.ref_policy):
+            if model is None:
+                continue
+            # The model's own list of blocks that must not be split (its decoder layers).
+            layer_types = set(getattr(model, "_no_split_modules", None) or ())
+            for block in model.modules():
+                if type(block).__name__ in layer_types:
+                    fully_shard(block, **kwargs)
+            fully_shard(model, **kwargs)
+        self._sharded = True
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -166,7 +205,20 @@ class ReLIFTModule(L.LightningModule):
                 f"is at {self.weights_version}: no callback pushed the weights. Keep "
                 "callbacks.vllm_weight_sync (callbacks.VLLMWeightSync) in the callbacks config."
             )
-        return engine.generate(prompt_ids, sampling)
+        where = (  # steps numbered as logged: the one in progress is step_count + 1
+            f"rollout engine {type(engine).__name__} at training step {self.step_count + 1} "
+            f"(RL step {self.rl_step + 1}), {len(prompt_ids)} prompts x n={sampling.n}"
+        )
+        try:
+            batch = engine.generate(prompt_ids, sampling)
+        except Exception as err:  # engine internals (CUDA, vLLM workers): say who failed, and when
+            raise RuntimeError(f"{where} failed: {type(err).__name__}: {err}") from err
+        expected = len(prompt_ids) * sampling.n
+        if batch.response_ids.shape[0] != expected or len(batch.finish_reasons) != expected:
+            raise RuntimeError(
+                f"{where} returned {batch.response_ids.shape[0]} responses, expected {expected}"
+            )
+        return batch
 
     def decode_responses(self, batch: RolloutBatch) -> list[str]:
         eos = self.tokenizer.eos_token_id
@@ -225,10 +277,29 @@ class ReLIFTModule(L.LightningModule):
             if key in metrics:
                 self.log(key.split("/")[-1], metrics[key], prog_bar=True, logger=False)
 
-    # -- RL ------------------------------------------------------------------------------------
-    def _micro_batches(self, indices: Tensor, size: int) -> Iterator[Tensor]:
-        yield from indices.split(size)
+    # -- micro-batches -------------------------------------------------------------------------
+    def _plan(self, attention_mask: Tensor, prompt_len: int, rows: Tensor, max_seqs: int) -> list[MicroBatch]:
+        """Micro-batches of ``rows``; every rank gets the same count (collectives must match)."""
+        plan = plan_micro_batches(
+            attention_mask, prompt_len, rows, max_seqs, self.algo.max_tokens_per_micro_batch
+        )
+        count = int(all_reduce_max(torch.tensor(float(len(plan)), device=self.device)))
+        return pad_plan(plan, count)
 
+    def _logprobs(self, model, micro: MicroBatch, input_ids: Tensor, attention_mask: Tensor,
+                  prompt_len: int, temperature: float = 1.0, with_entropy: bool = True):
+        columns = micro.columns(prompt_len)
+        return policy_logprobs(
+            model, input_ids[micro.rows][:, columns], attention_mask[micro.rows][:, columns],
+            micro.response_len, temperature=temperature, with_entropy=with_entropy,
+        )
+
+    def _backward(self, loss: Tensor, micro: MicroBatch) -> None:
+        # DDP and FSDP2 average gradients over ranks; losses are normalised by global counts,
+        # so scaling by the world size turns that average into the sum the loss defines.
+        self.manual_backward(loss * (micro.weight * world_size_and_rank()[0]))
+
+    # -- RL ------------------------------------------------------------------------------------
     def _rl_update(self, rollout: RolloutBatch, advantages: Tensor) -> dict[str, float]:
         optimizer = self._optimizer("rl")
         device = self.device
@@ -236,21 +307,25 @@ class ReLIFTModule(L.LightningModule):
         attention_mask = rollout.attention_mask.to(device)  # [N, P + R]
         response_mask = rollout.response_mask.to(device).float()  # [N, R]
         advantages = advantages.to(device)  # [N]
-        num_response = response_mask.shape[1]
+        prompt_len = rollout.prompt_ids.shape[1]
         temperature = self.sampling.temperature or 1.0
         n = input_ids.shape[0]
         mini_batches = torch.arange(n).chunk(self.algo.num_mini_batches)
+        micro = self.algo.micro_batch_size
+
+        def frozen_logprobs(model) -> Tensor:  # [N, R] log-probs under a model, no gradient
+            out = torch.zeros_like(response_mask)
+            with torch.no_grad():
+                for mb in self._plan(attention_mask, prompt_len, torch.arange(n), micro):
+                    lp, _ = self._logprobs(model, mb, input_ids, attention_mask, prompt_len,
+                                           temperature, with_entropy=False)
+                    out[mb.rows, : mb.response_len] = lp
+            return out
 
         # With one optimizer step per rollout the policy that sampled is the one being updated:
         # the ratio is exactly 1, so old log-probs are the current ones, detached (no extra pass).
-        old_logprobs = None
-        if len(mini_batches) > 1:
-            with torch.no_grad():
-                old_logprobs = torch.cat([
-                    policy_logprobs(self.policy, input_ids[idx], attention_mask[idx], num_response,
-                                    temperature=temperature)[0]
-                    for idx in self._micro_batches(torch.arange(n), self.algo.micro_batch_size)
-                ])
+        old_logprobs = frozen_logprobs(self.policy) if len(mini_batches) > 1 else None
+        ref_logprobs = frozen_logprobs(self.ref_policy) if self.ref_policy is not None else None
 
         # The engine's log-probs of its own samples (vLLM): checked against the trainer's below.
         engine_logprobs = None if rollout.logprobs is None else rollout.logprobs.to(device)  # [N, R]
@@ -261,28 +336,33 @@ class ReLIFTModule(L.LightningModule):
             num_tokens = all_reduce_sum(response_mask[mini].sum())
             num_seqs = all_reduce_sum(torch.tensor(float(len(mini)), device=device))
             sums: dict[str, float] = {}
-            for idx in self._micro_batches(mini, self.algo.micro_batch_size):
-                logprobs, entropy = policy_logprobs(
-                    self.policy, input_ids[idx], attention_mask[idx], num_response,
-                    temperature=temperature, with_entropy=True,
+            for mb in self._plan(attention_mask, prompt_len, mini, micro):
+                rows, width = mb.rows, mb.response_len
+                logprobs, entropy = self._logprobs(
+                    self.policy, mb, input_ids, attention_mask, prompt_len, temperature
                 )
-                old = logprobs.detach() if old_logprobs is None else old_logprobs[idx]
-                trainer_old[idx] = old
+                mask = response_mask[rows, :width]
+                old = logprobs.detach() if old_logprobs is None else old_logprobs[rows, :width]
                 is_weights = None
                 if self.tis_cap and engine_logprobs is not None:
                     is_weights = truncated_is_weights(
-                        old, engine_logprobs[idx], response_mask[idx], self.tis_cap
+                        old, engine_logprobs[rows, :width], mask, self.tis_cap
                     )
-                    tis_weights[idx] = is_weights
                 loss, parts = self.pg_loss(
-                    logprobs, old, advantages[idx], response_mask[idx], entropy=entropy,
-                    is_weights=is_weights, num_tokens=num_tokens, num_seqs=num_seqs,
+                    logprobs, old, advantages[rows], mask, entropy=entropy, is_weights=is_weights,
+                    ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows, :width],
+                    num_tokens=num_tokens, num_seqs=num_seqs,
                 )
-                self.manual_backward(loss)
-                weight = len(idx) / len(mini)
+                self._backward(loss, mb)
+                if not mb.weight:
+                    continue
+                trainer_old[rows, :width] = old
+                if is_weights is not None:
+                    tis_weights[rows, :width] = is_weights
+                share = len(rows) / len(mini)
                 sums["rl/loss"] = sums.get("rl/loss", 0.0) + loss.item()
                 for key, value in parts.items():
-                    sums[f"rl/{key}"] = sums.get(f"rl/{key}", 0.0) + weight * float(value)
+                    sums[f"rl/{key}"] = sums.get(f"rl/{key}", 0.0) + share * float(value)
             sums["rl/grad_norm"] = self._optimizer_step(optimizer, self.algo.rl_grad_clip, "rl")
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + value / len(mini_batches)
@@ -345,25 +425,39 @@ class ReLIFTModule(L.LightningModule):
         input_ids = torch.cat([prompt_ids, demo_ids], 1).to(self.device)  # [m, P + R]
         attention_mask = torch.cat([prompt_mask, demo_mask], 1).to(self.device)  # [m, P + R]
         loss_mask = demo_mask.to(self.device).float()  # [m, R]: prompt tokens never enter the loss
+        prompt_len = prompt_ids.shape[1]
         num_tokens = all_reduce_sum(loss_mask.sum())
         num_seqs = all_reduce_sum(torch.tensor(float(len(mine)), device=self.device))
         optimizer = self._optimizer("sft")
+        self._move_optimizer_state(optimizer, self.device)
         sums: dict[str, float] = {"sft/loss": 0.0}
-        for idx in self._micro_batches(torch.arange(len(mine)), self.algo.sft_micro_batch_size):
-            logprobs, entropy = policy_logprobs(
-                self.policy, input_ids[idx], attention_mask[idx], loss_mask.shape[1], with_entropy=True
-            )
+        plan = self._plan(attention_mask, prompt_len, torch.arange(len(mine)), self.algo.sft_micro_batch_size)
+        for mb in plan:
+            logprobs, entropy = self._logprobs(self.policy, mb, input_ids, attention_mask, prompt_len)
             loss, parts = self.sft_loss(
-                logprobs, loss_mask[idx], entropy=entropy, num_tokens=num_tokens, num_seqs=num_seqs
+                logprobs, loss_mask[mb.rows, : mb.response_len], entropy=entropy,
+                num_tokens=num_tokens, num_seqs=num_seqs,
             )
-            self.manual_backward(loss)
+            self._backward(loss, mb)
+            if not mb.weight:
+                continue
             sums["sft/loss"] += loss.item()
             for key, value in parts.items():
-                sums[f"sft/{key}"] = sums.get(f"sft/{key}", 0.0) + float(value) * len(idx) / len(mine)
+                sums[f"sft/{key}"] = sums.get(f"sft/{key}", 0.0) + float(value) * len(mb.rows) / len(mine)
         sums["sft/grad_norm"] = self._optimizer_step(optimizer, self.algo.sft_grad_clip, "sft")
+        if self.algo.offload_sft_optimizer:
+            self._move_optimizer_state(optimizer, torch.device("cpu"))
         sums["sft/demo_tokens"] = float(num_tokens)
         self.sft_step += 1
         return sums
+
+    @staticmethod
+    def _move_optimizer_state(optimizer, device: torch.device) -> None:
+        """Moves optimizer moments (the SFT AdamW's, between its rare steps) to ``device``."""
+        for state in optimizer.optimizer.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and key != "step":
+                    state[key] = value.to(device, non_blocking=True)
 
     # -- optimizer steps -----------------------------------------------------------------------
     def _optimizer_step(self, optimizer, max_norm: float, name: str) -> float:
@@ -375,17 +469,17 @@ class ReLIFTModule(L.LightningModule):
         if not torch.isfinite(torch.tensor(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
-            self._consecutive_skips += 1
-            if self._consecutive_skips >= self.algo.max_consecutive_skips:
+            skips = self._consecutive_skips[name] = self._consecutive_skips.get(name, 0) + 1
+            if skips >= self.algo.max_consecutive_skips:
                 raise FloatingPointError(
-                    f"{self._consecutive_skips} consecutive {name} optimizer steps had a non-finite "
-                    f"grad norm (last at training step {self.step_count}); stopping. Lower the "
-                    "learning rate or check the data (see algorithm.max_consecutive_skips)."
+                    f"{skips} consecutive {name} optimizer steps had a non-finite grad norm (last "
+                    f"at training step {self.step_count + 1}); stopping. Lower the learning rate or "
+                    "check the data (see algorithm.max_consecutive_skips)."
                 )
             return grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        self._consecutive_skips = 0
+        self._consecutive_skips[name] = 0
         self.weights_version += 1
         return grad_norm
 
@@ -397,7 +491,7 @@ class ReLIFTModule(L.LightningModule):
             "sft_step": self.sft_step,
             "demos_used": sorted(self.demos_used),
             "skipped_steps": self.skipped_steps,
-            "consecutive_skips": self._consecutive_skips,
+            "consecutive_skips": dict(self._consecutive_skips),
             "weights_version": self.weights_version,
             "buffer": self.buffer.state_dict(),
             "rng": rng_state(),
@@ -410,7 +504,8 @@ class ReLIFTModule(L.LightningModule):
         self.sft_step = state["sft_step"]
         self.demos_used = set(state["demos_used"])
         self.skipped_steps = state["skipped_steps"]
-        self._consecutive_skips = state["consecutive_skips"]
+        skips = state["consecutive_skips"]  # an int in checkpoints from before the per-optimizer count
+        self._consecutive_skips = dict(skips) if isinstance(skips, dict) else {"rl": skips, "sft": skips}
         self.weights_version = state["weights_version"]
         self.buffer.load_state_dict(state["buffer"])
         # Applied just before the next step: Lightning draws from the global RNG in between

@@ -1,0 +1,36 @@
+"""Runs ``fit`` under a multi-process strategy and saves what each rank ends with.
+
+Lightning's launcher re-executes this script once per rank, so every rank writes
+``<out>/rank<r>.pt`` with its full (unsharded) parameters and counters.
+Usage: python dist_worker.py OUT_DIR [hydra overrides...]
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import compose_cfg  # noqa: E402
+
+from relift_pl.train import fit  # noqa: E402
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    result = fit(compose_cfg(sys.argv[2:], output_dir=out))
+    module = result.module
+    state = {
+        name: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().cpu()
+        for name, value in module.policy.state_dict().items()
+    }
+    torch.save(
+        {
+            "state": state,
+            "rl_step": module.rl_step,
+            "sft_step": module.sft_step,
+            "weights_version": module.weights_version,
+            "buffer": module.buffer.state_dict(),
+            "world_size": result.trainer.world_size,
+        },
+        out / f"rank{result.trainer.global_rank}.pt",
+    )
