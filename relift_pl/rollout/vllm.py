@@ -161,6 +161,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.synced_version: int | None = None
         """The policy's ``weights_version`` last pushed (set by the sync callback)."""
         self._prefix_cache_stale = False
+        self._owns_process_group = False
 
     # -- construction --------------------------------------------------------------------------
     def bind(self, policy: torch.nn.Module, tokenizer) -> None:
@@ -172,6 +173,8 @@ class VLLMRolloutEngine(RolloutEngine):
             model = self.model or getattr(policy, "name_or_path", None)
             if not model:
                 raise ValueError(f"{_KEY}.model is unset and the policy has no name_or_path")
+            # Without a process group vLLM makes its own (world of 1), which close() may destroy.
+            self._owns_process_group = not torch.distributed.is_initialized()
             self.llm = self._build_llm(str(model), policy.config)
             self.cycle = SleepCycle(self.llm, self.sleep_level)
             self.cycle.sleep()  # training runs first: give the memory back now
@@ -323,16 +326,41 @@ class VLLMRolloutEngine(RolloutEngine):
         )
 
     def close(self) -> None:
-        shutdown = getattr(
-            getattr(getattr(self.llm, "llm_engine", None), "engine_core", None), "shutdown", None
-        )
-        if callable(shutdown):
-            shutdown()
+        if self.llm is None:
+            return
+        if self._owns_process_group:
+            self.llm.llm_engine.engine_core.shutdown()
+        else:
+            _release_keeping_process_group(self.llm)
         self.llm = None
         self.cycle = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+_UNRELEASED: list[Any] = []  # engines kept alive rather than let them end the trainer's group
+
+
+def _release_keeping_process_group(llm) -> None:
+    """Frees an in-process engine that joined the trainer's process group.
+
+    ``EngineCore.shutdown()`` (also run by a finalizer when the engine is garbage collected) ends
+    with ``destroy_process_group()`` on the default group, which here is the trainer's: Lightning
+    would lose its collectives. So detach that finalizer and shut the executor and scheduler down
+    directly; if vLLM's internals moved, keep the engine alive instead (memory over correctness).
+    """
+    try:
+        client = llm.llm_engine.engine_core  # InprocClient
+        core = client.engine_core
+        client._finalizer.detach()
+    except AttributeError:
+        _UNRELEASED.append(llm)
+        return
+    core.model_executor.shutdown()
+    if getattr(core, "scheduler", None) is not None:
+        core.scheduler.shutdown()
+    gc.unfreeze()  # EngineCore.__init__ froze its startup objects
 
 
 def _check_cpu_head_dim(config) -> None:

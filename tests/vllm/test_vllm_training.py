@@ -6,9 +6,13 @@ Each run builds its engine the way users get it: from ``rollout.engine`` in ``se
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import compose_cfg
 from lightning import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -118,3 +122,36 @@ def test_a_sync_that_does_nothing_is_caught_by_max_logprob_diff(tmp_path):
 def test_missing_sync_callback_is_an_error(tmp_path):
     with pytest.raises(RuntimeError, match=r"no callback pushed the weights.*vllm_weight_sync"):
         _fit_with_sync(tmp_path, None)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "distributed" / "dist_worker.py"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_fsdp2_ranks_each_sync_their_engine(tmp_path):
+    """FSDP2 on 2 CPU ranks: each rank gathers full tensors (DTensor.full_tensor) into its engine."""
+    overrides = [
+        *QUICK,
+        "max_steps=2",
+        "trainer=fsdp",
+        "algorithm.micro_batch_size=3",
+        "callbacks.evaluation.before_training=false",
+        "callbacks.evaluation.after_training=false",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        ["timeout", "-k", "10", "500", sys.executable, str(WORKER), str(tmp_path), *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [torch.load(p, weights_only=False) for p in sorted(tmp_path.glob("rank*.pt"))]
+    assert len(ranks) == 2 and ranks[0]["world_size"] == 2
+    for rank in ranks:
+        assert rank["rl_step"] == 2 and rank["sft_step"] >= 1
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][name]), name
+    # Max over both ranks' tokens (the module all-reduces it), after each rank's own sync.
+    diffs = _scalars(tmp_path, "rollout/logprob_diff_max")
+    assert len(diffs) == 2 and all(value < SYNCED_BOUND for _, value in diffs), diffs
