@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -29,11 +30,22 @@ class PreemptionCheckpoint(L.Callback):
         self.received: int | None = None
         self.saved_path: Path | None = None
         self._previous: dict[int, object] = {}
+        self._announce = False
 
     def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            # A second Ctrl-C: stop now, without a new checkpoint (the saved ones stay intact).
+            self._restore_handlers()
+            raise KeyboardInterrupt
         self.received = signum
+        if self._announce:  # os.write: print() is not safe inside a signal handler
+            os.write(2, (
+                f"\nReceived {signal.Signals(signum).name}: saving a checkpoint at the end of this "
+                "training step, then stopping (Ctrl-C again stops at once, without one).\n"
+            ).encode())
 
     def on_train_start(self, trainer: L.Trainer, module) -> None:
+        self._announce = trainer.is_global_zero
         # Installed after Lightning's own handlers, replacing them for the duration of training:
         # Lightning would stop on SIGTERM without a checkpoint, and on SIGINT mid-step.
         for sig in self.signals:

@@ -20,10 +20,10 @@ class DemonstrationBuffer:
     def __init__(self, threshold: int, capacity: int | None = None) -> None:
         capacity = capacity if capacity is not None else 4 * threshold
         if threshold < 1:
-            raise ValueError(f"algorithm.buffer.threshold (M) must be >= 1, got {threshold}")
+            raise ValueError(f"algorithm.buffer_threshold (M) must be >= 1, got {threshold}")
         if capacity < threshold:
             raise ValueError(
-                f"algorithm.buffer.capacity ({capacity}) must be >= threshold M ({threshold})"
+                f"algorithm.buffer_capacity must be >= buffer_threshold (M={threshold}), got {capacity}"
             )
         self.threshold = threshold
         self.capacity = capacity

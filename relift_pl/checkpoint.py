@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import zipfile
@@ -33,6 +34,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        _remove_stale_tmp(path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable (a crash of the machine right after it keeps the new file).
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Deletes ``<name>.tmp<pid>`` files left by writers that were killed mid-write."""
+    for stale in path.parent.glob(f"{glob.escape(path.name)}.tmp*"):
+        pid = stale.name[len(path.name) + 4 :]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class TrainingStepCheckpoint(ModelCheckpoint):

@@ -29,9 +29,18 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         raise ValueError(
             f"could not load a tokenizer from {name_or_path!r} (model.name_or_path): {err}"
         ) from err
+    # transformers 5 builds an EMPTY tokenizer (no vocabulary) from a model directory without
+    # tokenizer files instead of failing: every prompt would encode to nothing.
+    if not tokenizer("1+1=2", add_special_tokens=False)["input_ids"]:
+        raise ValueError(
+            f"{name_or_path!r} (model.name_or_path) holds no tokenizer: transformers built an empty "
+            f"one ({len(tokenizer)} tokens). Save the model's tokenizer there (tokenizer.json, "
+            "tokenizer_config.json) and retry."
+        )
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
-            f"the tokenizer in {name_or_path!r} has no chat_template; prompts are built with it. "
+            f"the tokenizer in {name_or_path!r} (model.name_or_path) has no chat_template; prompts "
+            "are built with it. "
             "Add one to tokenizer_config.json (or chat_template.jinja) and retry."
         )
     if tokenizer.pad_token_id is None:

@@ -28,6 +28,10 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, ReLIFTModule, L.LightningDataModu
     """Instantiates trainer, module and datamodule (no training); tests use it too."""
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
+    # Cheap checks first, so a bad value fails before a large model loads.
+    sampling = rollout_sampling(cfg)
+    algorithm = instantiate(cfg.algorithm)
+    algorithm.validate()
     model_path = resolve_model_path(cfg.model.name_or_path, instantiate(cfg.model.get("build")))
     # Seeded after the (possibly freshly built) base exists: building it draws random numbers.
     L.seed_everything(cfg.seed, workers=True)
@@ -43,10 +47,10 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, ReLIFTModule, L.LightningDataModu
     module = ReLIFTModule(
         policy=policy,
         tokenizer=tokenizer,
-        algorithm=instantiate(cfg.algorithm),
+        algorithm=algorithm,
         rollout_engine=instantiate(cfg.rollout.engine),
         reward_fn=instantiate(cfg.reward),
-        sampling=SamplingParams(**OmegaConf.to_container(cfg.rollout.sampling)),
+        sampling=sampling,
         max_steps=cfg.max_steps,
         max_logprob_diff=cfg.rollout.get("max_logprob_diff"),
         tis_cap=cfg.rollout.get("tis_cap"),
@@ -55,6 +59,19 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, ReLIFTModule, L.LightningDataModu
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return trainer, module, datamodule
+
+
+def rollout_sampling(cfg: DictConfig) -> SamplingParams:
+    """The training sampling settings; errors name the ``rollout.sampling`` key."""
+    values = OmegaConf.to_container(cfg.rollout.sampling)
+    if cfg.algorithm.get("rl_enabled", True) and not values.get("temperature", 1.0) > 0:
+        raise ValueError(
+            f"rollout.sampling.temperature must be > 0 for RL rollouts, got {values['temperature']}"
+        )
+    try:
+        return SamplingParams(**values)
+    except ValueError as err:  # SamplingParams says "sampling.<field> must be ..."
+        raise ValueError(f"rollout.{err}") from err
 
 
 @dataclass
@@ -74,8 +91,9 @@ def fit(cfg: DictConfig) -> FitResult:
     """Like :func:`train`, but also returns the trainer, module and datamodule (for tests)."""
     os.makedirs(cfg.paths.output_dir, exist_ok=True)
     started = time.time()
-    trainer, module, datamodule = build(cfg)
+    # Before building: a missing or broken checkpoint fails before the model loads.
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    trainer, module, datamodule = build(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     evaluation = next((c for c in trainer.callbacks if isinstance(c, BenchmarkEvaluation)), None)
     history = evaluation.history if evaluation else []

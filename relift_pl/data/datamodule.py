@@ -64,6 +64,9 @@ class ReLIFTDataModule(L.LightningDataModule):
             raise ValueError(f"data.overlong_demos must be 'drop' or 'truncate', got {overlong_demos!r}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        for key, value in (("max_prompt_length", max_prompt_length), ("max_demo_length", max_demo_length)):
+            if value < 1:
+                raise ValueError(f"data.{key} must be >= 1 (tokens), got {value}")
         self.train_rows_factory = train_rows
         self.eval_set_factories = dict(eval_sets or {})
         self.tokenizer = tokenizer

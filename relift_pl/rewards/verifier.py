@@ -92,7 +92,10 @@ def _limit_memory(headroom_mb: int) -> None:
 def _worker_main(argv: list[str]) -> None:
     """Worker loop: grades (batch, [(idx, gold, pred), ...]) messages, one reply per item."""
     fd, memory_mb, library_timeout = (int(a) for a in argv[1:4])
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
+    # Ctrl-C and a scheduler's SIGTERM (sent to every process of the job) are the trainer's to
+    # handle: it finishes the step, whose rewards need this worker, then stops the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(fd)
     events = _LibraryEvents()
     library_logger = logging.getLogger("math_verify")
@@ -163,7 +166,14 @@ class MathVerifyReward:
         mode: Literal["math", "choice", "auto"] = "auto",
     ) -> None:
         if mode not in ("math", "choice", "auto"):
-            raise ValueError(f"unknown mode {mode!r}")
+            raise ValueError(f"reward.mode must be one of math, choice, auto; got {mode!r}")
+        # A zero budget would score every response 0 without a word: reject it up front.
+        if not timeout_s > 0:
+            raise ValueError(f"reward.timeout_s must be > 0 (seconds per item), got {timeout_s}")
+        if num_workers < 0:
+            raise ValueError(f"reward.num_workers must be >= 0 (0: grade in-process), got {num_workers}")
+        if memory_limit_mb is not None and memory_limit_mb <= 0:
+            raise ValueError(f"reward.memory_limit_mb must be > 0 or null (no limit), got {memory_limit_mb}")
         self.require_think_close = require_think_close
         self.timeout_s = timeout_s
         self.num_workers = num_workers

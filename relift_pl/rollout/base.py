@@ -34,14 +34,22 @@ class SamplingParams:
     """Per-call seed, for engines that take one."""
 
     def __post_init__(self) -> None:
+        # "sampling.<field>": the trainer prefixes the config group (rollout.sampling.<field>).
         if self.n < 1:
-            raise ValueError(f"sampling n must be >= 1, got {self.n}")
+            raise ValueError(f"sampling.n must be >= 1, got {self.n}")
         if self.temperature < 0:
-            raise ValueError(f"sampling temperature must be >= 0, got {self.temperature}")
+            raise ValueError(f"sampling.temperature must be >= 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be >= 0 (0: off), got {self.top_k}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"sampling max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"sampling.min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                f"got {self.min_new_tokens}"
+            )
 
 
 @dataclass

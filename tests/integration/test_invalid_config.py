@@ -1,0 +1,250 @@
+"""Bad configuration values fail at startup, each with a message naming the key and the range."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from types import SimpleNamespace
+
+import pytest
+from conftest import compose_cfg
+from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.utils import instantiate
+from toy_overrides import QUICK_TOY
+from transformers import Qwen2ForCausalLM
+
+from relift_pl.data.sampler import StepBatchSampler
+from relift_pl.models import load_tokenizer
+from relift_pl.toy.base import tiny_qwen2_config
+from relift_pl.toy.tokenizer import build_toy_tokenizer
+from relift_pl.train import build
+
+# (overrides, exception type, the exact message or, for Hydra's wrapped errors, its parts)
+BUILD_ERRORS = {
+    "G<2": (
+        ["algorithm.group_size=1"],
+        ValueError,
+        "algorithm.group_size must be >= 2 (GRPO compares samples within a group), got 1",
+    ),
+    "M<1": (
+        ["algorithm.buffer_threshold=0"],
+        ValueError,
+        "algorithm.buffer_threshold must be >= 1, got 0",
+    ),
+    "capacity<M": (
+        ["algorithm.buffer_capacity=2"],
+        ValueError,
+        "algorithm.buffer_capacity must be >= buffer_threshold (M=4) or null (4 x M), got 2",
+    ),
+    "mini-batches": (
+        ["algorithm.num_mini_batches=0"],
+        ValueError,
+        "algorithm.num_mini_batches must be >= 1, got 0",
+    ),
+    "micro-batch": (
+        ["algorithm.micro_batch_size=0"],
+        ValueError,
+        "algorithm.micro_batch_size must be >= 1, got 0",
+    ),
+    "clip-eps-low": (
+        ["algorithm.pg_loss.clip_ratio_low=-0.1"],
+        InstantiationException,
+        ["clip_ratio_low must be >= 0, got -0.1", "full_key: algorithm.pg_loss"],
+    ),
+    "clip-eps-high": (
+        ["algorithm.pg_loss.clip_ratio_high=-0.2"],
+        InstantiationException,
+        ["clip_ratio_high must be >= 0, got -0.2", "full_key: algorithm.pg_loss"],
+    ),
+    "max-new-tokens": (
+        ["rollout.sampling.max_new_tokens=0"],
+        ValueError,
+        "rollout.sampling.max_new_tokens must be >= 1, got 0",
+    ),
+    "temperature-0": (
+        ["rollout.sampling.temperature=0"],
+        ValueError,
+        "rollout.sampling.temperature must be > 0 for RL rollouts, got 0",
+    ),
+    "temperature<0": (
+        ["rollout.sampling.temperature=-1"],
+        ValueError,
+        "rollout.sampling.temperature must be > 0 for RL rollouts, got -1",
+    ),
+    "top-p": (
+        ["rollout.sampling.top_p=1.5"],
+        ValueError,
+        "rollout.sampling.top_p must be in (0, 1], got 1.5",
+    ),
+    "top-k": (
+        ["rollout.sampling.top_k=-1"],
+        ValueError,
+        "rollout.sampling.top_k must be >= 0 (0: off), got -1",
+    ),
+    "min-new-tokens": (
+        ["rollout.sampling.min_new_tokens=25"],
+        ValueError,
+        "rollout.sampling.min_new_tokens must be in [0, max_new_tokens=24], got 25",
+    ),
+    "max-prompt-length": (
+        ["data.max_prompt_length=0"],
+        InstantiationException,
+        ["data.max_prompt_length must be >= 1 (tokens), got 0", "full_key: data"],
+    ),
+    "max-demo-length": (
+        ["data.max_demo_length=-5"],
+        InstantiationException,
+        ["data.max_demo_length must be >= 1 (tokens), got -5", "full_key: data"],
+    ),
+    "batch-size": (
+        ["data.batch_size=0"],
+        InstantiationException,
+        ["data.batch_size must be >= 1, got 0", "full_key: data"],
+    ),
+    "max-steps": (["max_steps=0"], ValueError, "max_steps must be >= 1, got 0"),
+    "max-consecutive-skips": (
+        ["algorithm.max_consecutive_skips=0"],
+        ValueError,
+        "algorithm.max_consecutive_skips must be >= 1, got 0",
+    ),
+    "eval-k": (
+        ["callbacks.evaluation.k=0"],
+        InstantiationException,
+        [
+            "callbacks.evaluation.k must be >= 1 (samples per problem), got 0",
+            "full_key: callbacks.evaluation",
+        ],
+    ),
+    "unknown-key-added": (
+        ["+algorithm.typo=1"],
+        InstantiationException,
+        ["unexpected keyword argument 'typo'", "full_key: algorithm"],
+    ),
+}
+
+
+def _check(err: BaseException, expected) -> None:
+    message = str(err)
+    if isinstance(expected, str):
+        assert message == expected
+    else:
+        for part in expected:
+            assert part in message, (part, message)
+
+
+@pytest.mark.parametrize("case", list(BUILD_ERRORS))
+def test_invalid_value_fails_at_build_naming_the_key(case, tmp_path):
+    overrides, error, expected = BUILD_ERRORS[case]
+    cfg = compose_cfg([*QUICK_TOY, *overrides], output_dir=tmp_path)
+    with pytest.raises(error) as err:
+        build(cfg)
+    _check(err.value, expected)
+
+
+@pytest.mark.parametrize(
+    "override", ["algorithm.typo=1", "rollout.sampling.tempreature=0.5", "typo=1"]
+)
+def test_unknown_key_is_rejected_by_the_structured_config(override):
+    with pytest.raises(
+        ConfigCompositionException,
+        match=re.escape(f"Could not override '{override.split('=')[0]}'"),
+    ):
+        compose_cfg([override])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("reward.timeout_s=0", "reward.timeout_s must be > 0 (seconds per item), got 0"),
+        ("reward.timeout_s=-1", "reward.timeout_s must be > 0 (seconds per item), got -1"),
+        ("reward.num_workers=-1", "reward.num_workers must be >= 0 (0: grade in-process), got -1"),
+        (
+            "reward.memory_limit_mb=0",
+            "reward.memory_limit_mb must be > 0 or null (no limit), got 0",
+        ),
+        ("reward.mode=exact", "reward.mode must be one of math, choice, auto; got 'exact'"),
+    ],
+)
+def test_invalid_reward_settings(override, message):
+    # The reward is built in the module's setup (its workers are processes); it checks first.
+    factory = instantiate(compose_cfg([override]).reward)
+    with pytest.raises(ValueError) as err:
+        factory()
+    assert str(err.value) == message
+
+
+def test_batch_not_divisible_across_ranks(tmp_path):
+    with pytest.raises(ValueError) as err:
+        StepBatchSampler(num_rows=100, global_batch_size=6, world_size=4)
+    assert str(err.value) == "data.batch_size=6 must be divisible by the number of ranks (4)"
+
+    cfg = compose_cfg([*QUICK_TOY, "data.batch_size=6"], output_dir=tmp_path)
+    datamodule = instantiate(cfg.data, tokenizer=build_toy_tokenizer())
+    datamodule.trainer = SimpleNamespace(world_size=4)
+    with pytest.raises(ValueError) as err:
+        datamodule.setup("fit")
+    assert str(err.value) == "data.batch_size=6 must be divisible by the number of ranks (4)"
+
+
+# -- model directories ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    tokenizer = build_toy_tokenizer()
+    config = tiny_qwen2_config(
+        len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    load_tokenizer(str(path))  # the complete directory loads
+    return path
+
+
+def _without(model_dir, tmp_path, *names: str, drop_template: bool = False):
+    path = tmp_path / "model"
+    shutil.copytree(model_dir, path)
+    for name in names:
+        (path / name).unlink(missing_ok=True)
+    if drop_template:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_model_dir_without_tokenizer(model_dir, tmp_path):
+    path = _without(
+        model_dir,
+        tmp_path,
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+    )
+    cfg = compose_cfg(
+        [*QUICK_TOY, "model.build=null", f"model.name_or_path={path}"], output_dir=tmp_path
+    )
+    with pytest.raises(ValueError) as err:
+        build(cfg)
+    assert str(err.value).startswith(
+        f"'{path}' (model.name_or_path) holds no tokenizer: transformers built an empty one ("
+    )
+
+
+def test_model_dir_without_chat_template(model_dir, tmp_path):
+    path = _without(model_dir, tmp_path, "chat_template.jinja", drop_template=True)
+    cfg = compose_cfg(
+        [*QUICK_TOY, "model.build=null", f"model.name_or_path={path}"], output_dir=tmp_path
+    )
+    with pytest.raises(ValueError) as err:
+        build(cfg)
+    assert str(err.value) == (
+        f"the tokenizer in '{path}' (model.name_or_path) has no chat_template; prompts are built with "
+        "it. Add one to tokenizer_config.json (or chat_template.jinja) and retry."
+    )
