@@ -119,6 +119,12 @@ class ReLIFTModule(L.LightningModule):
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        world = self.trainer.world_size
+        if self.algo.sft_enabled and self.algo.buffer_threshold % world:
+            raise ValueError(
+                f"algorithm.buffer_threshold (M={self.algo.buffer_threshold}) must be divisible by "
+                f"the number of ranks ({world}): each rank takes M / world rows of an SFT step"
+            )
         if self.rollout_engine is None:
             self.rollout_engine = self._make_engine()
             self.rollout_engine.bind(self.policy, self.tokenizer)
