@@ -3,7 +3,15 @@
 from callbacks.evaluation import BenchmarkEvaluation
 from callbacks.hard_question_mining import HardQuestionMining
 from callbacks.preemption import PreemptionCheckpoint
+from callbacks.progress import StepProgressBar
 from callbacks.sample_logger import SampleCompletionsLogger
 from callbacks.vllm_weight_sync import VLLMWeightSync
 
-__all__ = ["BenchmarkEvaluation", "HardQuestionMining", "PreemptionCheckpoint", "SampleCompletionsLogger", "VLLMWeightSync"]
+__all__ = [
+    "BenchmarkEvaluation",
+    "HardQuestionMining",
+    "PreemptionCheckpoint",
+    "SampleCompletionsLogger",
+    "StepProgressBar",
+    "VLLMWeightSync",
+]
