@@ -276,22 +276,25 @@ class VLLMRolloutEngine(RolloutEngine):
             raise RuntimeError("VLLMRolloutEngine.generate called before bind(policy, tokenizer)")
         from vllm.inputs import TokensPrompt
 
+        group_prompts, mine = self._gather_tensor_parallel(prompt_ids)
         # A shared per-request seed would give every prompt the same random stream.
         params = [
             self._vllm_sampling(sampling, None if sampling.seed is None else sampling.seed + i)
-            for i in range(len(prompt_ids))
+            for i in range(len(group_prompts))
         ]
         self.cycle.before_generate()
         if self._prefix_cache_stale:
             self._reset_prefix_cache()
         try:
             outputs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False
+                [TokensPrompt(prompt_token_ids=list(p)) for p in group_prompts],
+                params,
+                use_tqdm=False,
             )
         finally:
             self.cycle.sleep()
         tokens, logprobs = [], []
-        for request in outputs:  # same order as the prompts
+        for request in outputs[mine]:  # same order as the prompts
             for sample in sorted(request.outputs, key=lambda s: s.index):  # prompt-major
                 ids = list(sample.token_ids)
                 tokens.append(ids)
@@ -299,6 +302,22 @@ class VLLMRolloutEngine(RolloutEngine):
                     [step[t].logprob for t, step in zip(ids, sample.logprobs, strict=True)]
                 )
         return self._to_batch(prompt_ids, tokens, logprobs, sampling.n)
+
+    def _gather_tensor_parallel(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], slice]:
+        """The prompts of the whole TP group (its ranks must generate together), and ours in it.
+
+        Each training rank has its own prompts, but the ranks of one tensor-parallel engine run a
+        single model: they all submit the group's prompts and keep their own slice of outputs.
+        """
+        if self.tensor_parallel_size == 1:
+            return prompt_ids, slice(None)
+        from vllm.distributed import get_tp_group
+
+        group = get_tp_group()
+        parts: list[list[list[int]] | None] = [None] * group.world_size
+        torch.distributed.all_gather_object(parts, prompt_ids, group=group.cpu_group)
+        start = sum(len(part) for part in parts[: group.rank_in_group])
+        return [p for part in parts for p in part], slice(start, start + len(prompt_ids))
 
     def _to_batch(
         self,

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import compose_cfg
 from hydra.utils import instantiate
 
 from callbacks.vllm_weight_sync import VLLMWeightSync, full_named_tensors
+from conftest import compose_cfg
 from relift_pl.algorithms import policy_logprobs
 from relift_pl.models import load_policy, load_tokenizer
 from relift_pl.rollout.base import SamplingParams

@@ -14,10 +14,10 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import compose_cfg
 from hydra.utils import instantiate
 
 from callbacks.vllm_weight_sync import full_named_tensors
+from conftest import compose_cfg
 from relift_pl.models import load_policy, load_tokenizer
 from relift_pl.rollout.base import SamplingParams
 from relift_pl.rollout.hf import HFRolloutEngine

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg
 from lightning import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from callbacks.vllm_weight_sync import VLLMWeightSync
+from conftest import compose_cfg
 from relift_pl.train import build, fit
 
 pytestmark = [
@@ -128,15 +128,34 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "distributed" / "dist_worker.py"
 
 
+# Tensor parallel 2 needs an even head count with a head size vLLM's CPU kernels take: 4 x 32.
+TP2 = [
+    "trainer=ddp",
+    "rollout.engine.tensor_parallel_size=2",
+    "+model.build.model_overrides.hidden_size=128",
+    "+model.build.model_overrides.intermediate_size=256",
+    "model.build.model_overrides.num_attention_heads=4",
+    "model.build.model_overrides.num_key_value_heads=2",
+]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_fsdp2_ranks_each_sync_their_engine(tmp_path):
-    """FSDP2 on 2 CPU ranks: each rank gathers full tensors (DTensor.full_tensor) into its engine."""
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # Each rank gathers full tensors (DTensor.full_tensor) into its own engine.
+        pytest.param(["trainer=fsdp", "algorithm.micro_batch_size=3"], id="fsdp2-2engines"),
+        # Both ranks drive one TP=2 engine: they submit the group's prompts, keep their own.
+        pytest.param(TP2, id="ddp-tp2"),
+    ],
+)
+def test_two_ranks_sync_their_engines(tmp_path, layout):
+    """2 CPU ranks (gloo) with vLLM joined to the training process group (external_launcher)."""
     overrides = [
         *QUICK,
+        *layout,
         "max_steps=2",
-        "trainer=fsdp",
-        "algorithm.micro_batch_size=3",
         "callbacks.evaluation.before_training=false",
         "callbacks.evaluation.after_training=false",
     ]
