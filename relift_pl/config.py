@@ -29,6 +29,10 @@ class AlgorithmConfig:
     max_tokens_per_micro_batch: int | None = None
     """Token budget per micro-batch (rows x longest row), RL and SFT alike; rows are sorted by
     length and packed up to it (and at most ``*micro_batch_size`` rows). None: fixed counts."""
+    share_prompt_prefix: bool = True
+    """Log-prob passes run each distinct prompt once and its G responses against that prompt's KV
+    cache (same values and gradients up to float32 rounding; the prompt's cost drops G-fold).
+    Off under FSDP2, and whenever the model cannot (gradient checkpointing)."""
     offload_sft_optimizer: bool = False
     """Keep the SFT AdamW's moments on the CPU between SFT steps (two Adam states over one
     model do not fit otherwise at 7B scale; the reference offloads too)."""

@@ -227,12 +227,12 @@ class ReLIFTModule(L.LightningModule):
         return batch
 
     def decode_responses(self, batch: RolloutBatch) -> list[str]:
-        eos = self.tokenizer.eos_token_id
-        texts = []
-        for ids, mask in zip(batch.response_ids.tolist(), batch.response_mask.tolist()):
-            tokens = [t for t, m in zip(ids, mask) if m and t != eos]
-            texts.append(self.tokenizer.decode(tokens, skip_special_tokens=False))
-        return texts
+        """Response texts: the masked tokens without EOS, in one batched decode."""
+        keep = batch.response_mask.bool() & (batch.response_ids != self.tokenizer.eos_token_id)
+        flat = batch.response_ids[keep].tolist()  # row-major: each row's kept tokens in order
+        ends = keep.sum(-1).cumsum(0).tolist()
+        rows = [flat[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=False)
 
     # -- the training step ---------------------------------------------------------------------
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
@@ -293,11 +293,16 @@ class ReLIFTModule(L.LightningModule):
         return pad_plan(plan, count)
 
     def _logprobs(self, model, micro: MicroBatch, input_ids: Tensor, attention_mask: Tensor,
-                  prompt_len: int, temperature: float = 1.0, with_entropy: bool = True):
+                  prompt_len: int, temperature: float = 1.0, with_entropy: bool = True,
+                  entropy_grad: bool = True, share_prompts: bool = False):
         columns = micro.columns(prompt_len)
         return policy_logprobs(
             model, input_ids[micro.rows][:, columns], attention_mask[micro.rows][:, columns],
             micro.response_len, temperature=temperature, with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+            # Each prompt's G samples: the prompt runs once (not under FSDP2: one forward per
+            # micro-batch is what its hooks are tested with).
+            share_prompts=share_prompts and self.algo.share_prompt_prefix and not self._sharded,
         )
 
     def _backward(self, loss: Tensor, micro: MicroBatch) -> None:
@@ -324,7 +329,7 @@ class ReLIFTModule(L.LightningModule):
             with torch.no_grad():
                 for mb in self._plan(attention_mask, prompt_len, torch.arange(n), micro):
                     lp, _ = self._logprobs(model, mb, input_ids, attention_mask, prompt_len,
-                                           temperature, with_entropy=False)
+                                           temperature, with_entropy=False, share_prompts=True)
                     out[mb.rows, : mb.response_len] = lp
             return out
 
@@ -345,7 +350,9 @@ class ReLIFTModule(L.LightningModule):
             for mb in self._plan(attention_mask, prompt_len, mini, micro):
                 rows, width = mb.rows, mb.response_len
                 logprobs, entropy = self._logprobs(
-                    self.policy, mb, input_ids, attention_mask, prompt_len, temperature
+                    self.policy, mb, input_ids, attention_mask, prompt_len, temperature,
+                    # The entropy only feeds a metric unless it has a loss weight.
+                    entropy_grad=self.pg_loss.entropy_coef != 0, share_prompts=True,
                 )
                 mask = response_mask[rows, :width]
                 old = logprobs.detach() if old_logprobs is None else old_logprobs[rows, :width]
@@ -439,7 +446,10 @@ class ReLIFTModule(L.LightningModule):
         sums: dict[str, float] = {"sft/loss": 0.0}
         plan = self._plan(attention_mask, prompt_len, torch.arange(len(mine)), self.algo.sft_micro_batch_size)
         for mb in plan:
-            logprobs, entropy = self._logprobs(self.policy, mb, input_ids, attention_mask, prompt_len)
+            logprobs, entropy = self._logprobs(
+                self.policy, mb, input_ids, attention_mask, prompt_len,
+                entropy_grad=self.sft_loss.entropy_coef != 0,
+            )
             loss, parts = self.sft_loss(
                 logprobs, loss_mask[mb.rows, : mb.response_len], entropy=entropy,
                 num_tokens=num_tokens, num_seqs=num_seqs,

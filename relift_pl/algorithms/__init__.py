@@ -1,7 +1,12 @@
 """Pure tensor math of ReLIFT: GRPO advantages, policy-gradient and SFT losses, token log-probs."""
 
 from relift_pl.algorithms.advantages import group_advantages
-from relift_pl.algorithms.logprobs import entropy_from_logits, logprobs_from_logits, policy_logprobs
+from relift_pl.algorithms.logprobs import (
+    entropy_from_logits,
+    logprobs_and_entropy,
+    logprobs_from_logits,
+    policy_logprobs,
+)
 from relift_pl.algorithms.losses import (
     AggMode,
     PolicyGradientLoss,
@@ -19,6 +24,7 @@ __all__ = [
     "entropy_from_logits",
     "group_advantages",
     "kl_k3",
+    "logprobs_and_entropy",
     "logprobs_from_logits",
     "masked_mean",
     "policy_logprobs",

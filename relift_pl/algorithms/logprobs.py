@@ -6,7 +6,15 @@ biases the importance ratio of GRPO (Shao et al. 2024) whenever temperature != 1
 
 Memory: the vocabulary projection dominates. `policy_logprobs` asks the model for the last R + 1
 positions only (`logits_to_keep`), and the helpers upcast to float32 per row chunk rather than
-materialising a full [N, T, V] float32 log-softmax.
+materialising a full [N, T, V] float32 log-softmax. Log-probs and entropies come from one
+logsumexp and at most one softmax (`logprobs_and_entropy`); an entropy that only feeds metrics is
+computed without autograd, so nothing of it is kept for the backward pass.
+
+Shared prompts (GRPO's G samples of one prompt): `policy_logprobs(share_prompts=True)` runs each
+distinct prompt once, keeps its key/value cache, and runs only the responses against copies of
+that cache. The result is the same function of the weights (same values and gradients up to
+float32 rounding: the tests hold them to 1e-5); the prompt tokens' forward and backward cost drops
+by a factor G.
 """
 
 from __future__ import annotations
@@ -56,12 +64,100 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.logsumexp(scaled, dim=-1) - (probs * scaled).sum(dim=-1)
 
 
+def logprobs_and_entropy(
+    logits: Tensor, labels: Tensor, temperature: float = 1.0, *, entropy: str | None = "grad"
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of `labels` and the entropy, from one logsumexp and at most one softmax.
+
+    Equal to (`logprobs_from_logits`, `entropy_from_logits`) without computing the logsumexp twice
+    or keeping a second [N, T, V] float32 softmax alive.
+
+    Args:
+        logits: [N, T, V] unnormalised scores (any float dtype; computed in float32).
+        labels: [N, T] token ids.
+        temperature: sampling temperature, > 0.
+        entropy: ``"grad"`` (differentiable entropy, for an entropy bonus), ``"no_grad"``
+            (computed without autograd: for metrics only, nothing saved for backward) or None.
+
+    Returns:
+        (logprobs [N, T] float32 differentiable w.r.t. `logits`, entropy [N, T] float32 or None).
+    """
+    if entropy not in ("grad", "no_grad", None):
+        raise ValueError(f"entropy must be 'grad', 'no_grad' or None, got {entropy!r}")
+    scaled = _scaled_float(logits, temperature)  # [N, T, V]
+    lse = torch.logsumexp(scaled, dim=-1)  # [N, T]
+    logprobs = scaled.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse  # [N, T]
+    if entropy is None:
+        return logprobs, None
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy == "grad"):
+        probs = torch.exp(scaled - lse.unsqueeze(-1))  # [N, T, V] the one softmax
+        ent = lse - (probs * scaled).sum(dim=-1)  # [N, T]
+    return logprobs, ent
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     """True if the model's forward takes `logits_to_keep` by name (HF Qwen2, Llama, ...)."""
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    return "logits_to_keep" in _forward_params(model)
+
+
+def _can_share_prompts(model: nn.Module) -> bool:
+    """A Hugging Face model that takes and fills a KV cache under training (no recompute)."""
+    params = _forward_params(model)
+    return (
+        {"past_key_values", "logits_to_keep"} <= params
+        and not getattr(model, "is_gradient_checkpointing", False)  # HF then drops the cache
+    )
+
+
+def _shared_prompt_logits(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+    num_response_tokens: int,
+) -> Tensor | None:
+    """[N, R, V] logits predicting the response tokens, each distinct prompt run once.
+
+    Pass 1 runs the U distinct (prompt ids, prompt mask) rows and keeps their KV cache and the
+    logits of their last position (which predict the first response token). The cache rows are
+    then gathered out to the N sequences (a differentiable index: gradients of the copies add up
+    in the shared prompt), and pass 2 runs the response tokens but the last against it.
+    Returns None when sharing does not apply (no repeated prompt, or the cache was not filled).
+    """
+    from transformers import DynamicCache
+
+    num_rows, seq_len = input_ids.shape
+    prompt_len = seq_len - num_response_tokens
+    prompt_block = torch.cat([input_ids[:, :prompt_len], attention_mask[:, :prompt_len]], dim=1)
+    unique, inverse = torch.unique(prompt_block, dim=0, return_inverse=True)  # [U, 2P], [N]
+    if unique.shape[0] == num_rows:
+        return None
+    unique_ids, unique_mask = unique[:, :prompt_len], unique[:, prompt_len:]
+    unique_positions = (unique_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    first = model(
+        input_ids=unique_ids, attention_mask=unique_mask, position_ids=unique_positions,
+        past_key_values=cache, use_cache=True, logits_to_keep=1,
+    )  # fmt: skip
+    cache = first.past_key_values if first.past_key_values is not None else cache
+    if cache.get_seq_length() != prompt_len:  # the model did not fill the cache: no sharing
+        return None
+    cache.batch_select_indices(inverse.to(input_ids.device))
+    first_logits = first.logits[:, -1:][inverse]  # [N, 1, V]
+    if num_response_tokens == 1:
+        return first_logits
+    rest = model(
+        input_ids=input_ids[:, prompt_len:-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, prompt_len:-1],
+        past_key_values=cache,
+        use_cache=True,
+    ).logits  # [N, R - 1, V]
+    return torch.cat([first_logits, rest], dim=1)  # [N, R, V]
 
 
 def policy_logprobs(
@@ -72,7 +168,9 @@ def policy_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
     chunk_size: int | None = None,
+    share_prompts: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs (and entropies) of the response tokens under a Hugging Face causal LM.
 
@@ -89,8 +187,13 @@ def policy_logprobs(
         num_response_tokens: R, the width of the response block (1 <= R < P + R).
         temperature: sampling temperature the responses were drawn with.
         with_entropy: also return the per-position entropy.
+        entropy_grad: the entropy is differentiable (an entropy bonus); False computes it without
+            autograd, for metrics only.
         chunk_size: rows of the [N, R, V] log-prob/entropy computation handled at once (bounds the
             float32 temporaries); None processes all rows together.
+        share_prompts: run each distinct prompt once and the responses against its KV cache
+            (same values and gradients; see the module docstring). Falls back to one pass when no
+            prompt repeats or the model cannot (no KV cache in training, gradient checkpointing).
 
     Returns:
         (logprobs [N, R] float32, entropy [N, R] float32 or None).
@@ -104,29 +207,37 @@ def policy_logprobs(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # [N, P + R]
-    kwargs = {}
-    if _accepts_logits_to_keep(model):
-        # Skip the prompt's vocabulary projection: keep the R + 1 last positions, drop the last.
-        kwargs["logits_to_keep"] = num_response_tokens + 1
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        **kwargs,
-    ).logits  # [N, R + 1, V] or [N, P + R, V]
-    logits = logits[:, -(num_response_tokens + 1) : -1]  # [N, R, V]
+    logits = None
+    if share_prompts and _can_share_prompts(model):
+        logits = _shared_prompt_logits(
+            model, input_ids, attention_mask, position_ids, num_response_tokens
+        )  # [N, R, V] or None
+    if logits is None:
+        kwargs = {}
+        if _accepts_logits_to_keep(model):
+            # Skip the prompt's vocabulary projection: keep the R + 1 last positions, drop the last.
+            kwargs["logits_to_keep"] = num_response_tokens + 1
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **kwargs,
+        ).logits  # [N, R + 1, V] or [N, P + R, V]
+        logits = logits[:, -(num_response_tokens + 1) : -1]  # [N, R, V]
     labels = input_ids[:, -num_response_tokens:]  # [N, R]
 
     step = chunk_size or max(num_rows, 1)
+    entropy_mode = ("grad" if entropy_grad else "no_grad") if with_entropy else None
     logprob_chunks, entropy_chunks = [], []
     for start in range(0, num_rows, step):
         chunk = logits[start : start + step]  # [n, R, V]
-        logprob_chunks.append(
-            logprobs_from_logits(chunk, labels[start : start + step], temperature)
+        chunk_logprobs, chunk_entropy = logprobs_and_entropy(
+            chunk, labels[start : start + step], temperature, entropy=entropy_mode
         )
+        logprob_chunks.append(chunk_logprobs)
         if with_entropy:
-            entropy_chunks.append(entropy_from_logits(chunk, temperature))
+            entropy_chunks.append(chunk_entropy)
     logprobs = torch.cat(logprob_chunks, dim=0)  # [N, R]
     entropy = torch.cat(entropy_chunks, dim=0) if with_entropy else None  # [N, R]
     return logprobs, entropy
