@@ -8,6 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from relift_pl.train import fit
+from toy_overrides import QUICK_TOY
 
 REQUIRED_TAGS = {
     "train/reward_mean", "train/solve_none_rate", "rl/loss", "rl/entropy", "rl/grad_norm",
@@ -22,19 +23,10 @@ def smoke(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smoke")
     cfg = compose_cfg([
+        *QUICK_TOY,  # 16 sequences per step with micro_batch_size=8: 2 micro-batches accumulated
         "max_steps=3",
-        "num_threads=1",
-        # A quick warm start (its own cache key): mechanics are tested here, not accuracy.
-        "model.build.steps=20",
         # Only the hardest level, so every prompt is all-wrong and the buffer fills for sure.
         "data.train_rows.levels=[4]",
-        "data.batch_size=4",
-        "algorithm.group_size=4",
-        "algorithm.buffer_threshold=4",
-        "algorithm.micro_batch_size=8",  # 16 sequences -> 2 micro-batches of accumulation
-        "rollout.sampling.max_new_tokens=24",
-        "callbacks.evaluation.max_problems=4",
-        "callbacks.evaluation.k=2",
         "callbacks.sample_completions.every_n_steps=1",
     ], output_dir=out)
     return fit(cfg), out

@@ -1,4 +1,4 @@
-"""A quick toy configuration shared by the CPU run tests (tiny base, every prompt hardest)."""
+"""A quick toy configuration shared by the CPU run tests (a tiny, barely trained base)."""
 
 QUICK_TOY = [
     "num_threads=1",
