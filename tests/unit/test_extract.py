@@ -56,7 +56,8 @@ def test_last_boxed_hostile_inputs_are_linear():
     assert last_boxed(many_open) is None
     assert last_boxed(huge).startswith("1+1+")
     assert last_boxed("}" * 1_000_000) is None
-    assert time.perf_counter() - start < 5.0  # ~0.3 s on a loaded 2-core machine
+    # A bound against quadratic/backtracking scans (minutes), not a speed target (~0.3 s).
+    assert time.perf_counter() - start < 30.0
 
 
 @pytest.mark.parametrize(
