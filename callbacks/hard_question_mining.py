@@ -12,7 +12,6 @@ from relift_pl.checkpoint import nested_tuples
 from relift_pl.distributed import all_gather_objects, world_size_and_rank
 
 
-
 class HardQuestionMining(L.Callback):
     """Marks prompts whose G rewards are all 0 as hardest and pushes their rows into the buffer.
 

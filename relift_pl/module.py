@@ -15,8 +15,8 @@ Deviations from the reference (verl) implementation, all deliberate:
 
 from __future__ import annotations
 
-import time
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any

@@ -12,7 +12,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import compose_cfg  # noqa: E402
-
 from relift_pl.train import fit  # noqa: E402
 
 if __name__ == "__main__":

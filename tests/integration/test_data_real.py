@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from data_fixtures import GOOD, OPENR1_ROWS
 from hydra.utils import instantiate
 
+from data_fixtures import GOOD, OPENR1_ROWS
 from relift_pl.data.sources import BadRowError
 from relift_pl.rewards import MathVerifyReward
 from relift_pl.toy.tokenizer import build_toy_tokenizer

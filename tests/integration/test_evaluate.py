@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, compose_cfg
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from toy_overrides import QUICK_TOY
 
+from conftest import CONF, compose_cfg
 from relift_pl.evaluate import evaluate
 from relift_pl.train import fit
+from toy_overrides import QUICK_TOY
 
 STUB_REWARD = "reward._target_=stub_rewards.HashReward"
 SETS = ["level1", "level2", "level3", "level4"]

@@ -9,11 +9,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import compose_cfg
-from toy_overrides import QUICK_TOY
 
+from conftest import compose_cfg
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine
 from relift_pl.train import build, fit
+from toy_overrides import QUICK_TOY
 
 RUN = [
     *QUICK_TOY,

@@ -8,17 +8,17 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-from conftest import compose_cfg
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
-from toy_overrides import QUICK_TOY
 from transformers import Qwen2ForCausalLM
 
+from conftest import compose_cfg
 from relift_pl.data.sampler import StepBatchSampler
 from relift_pl.models import load_tokenizer
 from relift_pl.toy.base import tiny_qwen2_config
 from relift_pl.toy.tokenizer import build_toy_tokenizer
 from relift_pl.train import build
+from toy_overrides import QUICK_TOY
 
 # (overrides, exception type, the exact message or, for Hydra's wrapped errors, its parts)
 BUILD_ERRORS = {

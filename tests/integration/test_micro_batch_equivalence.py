@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-from toy_overrides import QUICK_TOY
-
 from conftest import compose_cfg
 from relift_pl.train import fit
+from toy_overrides import QUICK_TOY
 
 RUN = [
     *QUICK_TOY,

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg
-from toy_overrides import QUICK_TOY
 
+from conftest import compose_cfg
 from relift_pl.train import fit
+from toy_overrides import QUICK_TOY
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = [

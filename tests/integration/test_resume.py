@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from toy_overrides import QUICK_TOY
 
 from conftest import compose_cfg
 from relift_pl.train import fit
+from toy_overrides import QUICK_TOY
 
 RUN = [
     *QUICK_TOY,
@@ -25,7 +25,8 @@ RUN = [
 
 
 def _metrics(out: Path) -> dict[int, dict[str, str]]:
-    rows = list(csv.DictReader(open(next(out.rglob("metrics.csv")))))
+    with open(next(out.rglob("metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
     by_step: dict[int, dict[str, str]] = {}
     for row in rows:
         if row.get("step"):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from data_fixtures import GOOD, OPENR1_ROWS
 from hydra.utils import instantiate
 
+from data_fixtures import GOOD, OPENR1_ROWS
 from relift_pl.data.sources import BadRowError, get_field, load_rows
 
 DEMO_TEMPLATE = "{demonstration}\n</think>\n\nThe final answer is $\\boxed{{{answer}}}$."
