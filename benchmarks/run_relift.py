@@ -247,7 +247,9 @@ def main(argv=None) -> None:
 
     module.generate = counting_generate
 
-    callbacks = [VLLMWeightSync(), Timer()]
+    sync = VLLMWeightSync()
+    sync.on_before_rollout = clock.wrap("weight_sync", sync.on_before_rollout)  # inside "rollout"
+    callbacks = [sync, Timer()]
     if args.sft:
         callbacks.insert(1, HardQuestionMining(seed=args.seed))
     trainer = instantiate(
@@ -316,6 +318,7 @@ def main(argv=None) -> None:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         # Our own split (mean s per measured step).
         "rollout_s_per_step": gen_s,
+        "weight_sync_s_per_step": split.get("weight_sync", 0.0),
         "reward_s_per_step": split.get("reward", 0.0),
         "logprob_forward_s_per_step": fwd,
         "backward_s_per_step": bwd,

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from relift_pl import attention
+
 
 def resolve_model_path(name_or_path: str | None, build: Callable[[], str | Path] | None = None) -> str:
     """A hub id or local directory, or the directory a ``build`` factory returns (the toy base)."""
@@ -58,11 +60,16 @@ def load_policy(
     """The trainable causal LM, in ``dtype`` (fp32 on CPU; FSDP casts per its mixed-precision policy)."""
     kwargs = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
+        if attn_implementation == attention.NAME:
+            attention.register()
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise ValueError(f"could not load a causal LM from {name_or_path!r}: {err}") from err
+    if not attn_implementation:
+        # transformers' sdpa, minus its copies of grouped KV heads on CPU (same numbers).
+        attention.prefer_sdpa_gqa(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training forward passes never need the KV cache

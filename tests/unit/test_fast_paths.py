@@ -226,3 +226,44 @@ def test_batched_decode_matches_per_token_filter():
     for ids, mask in zip(response_ids.tolist(), response_mask.tolist()):
         reference.append(Tok().decode([t for t, m in zip(ids, mask) if m and t != 0]))
     assert texts == reference == ["4,5", "6,7,8,9", "", "3,2"]
+
+
+def test_sdpa_gqa_matches_sdpa_values_gradients_and_samples(tiny_qwen2):
+    """Grouped KV heads go to torch's SDPA as they are (no repeat_kv copies) on CPU."""
+    import copy
+
+    from relift_pl.attention import NAME, prefer_sdpa_gqa
+
+    plain = copy.deepcopy(tiny_qwen2)
+    plain.set_attn_implementation("sdpa")
+    fast = copy.deepcopy(plain)
+    assert prefer_sdpa_gqa(fast) and fast.config._attn_implementation == NAME
+    assert plain.config._attn_implementation == "sdpa"
+    ids, mask, r_len = _grouped_batch()
+    runs = [_run(model, ids, mask, r_len, share_prompts=share)
+            for model in (plain, fast) for share in (False, True)]
+    ref_lp, ref_ent, ref_grads, real = runs[0]
+    for lp, ent, grads, _ in runs[1:]:
+        torch.testing.assert_close(lp[real], ref_lp[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ent[real], ref_ent[real], atol=1e-5, rtol=1e-5)
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=PAD)
+    sampling = SamplingParams(n=3, temperature=1.0, max_new_tokens=5)
+    samples = []
+    for model in (plain, fast):
+        engine = HFRolloutEngine()
+        engine.bind(model, tokenizer)
+        torch.manual_seed(5)
+        samples.append(engine.generate([[5, 6, 7], [8, 9]], sampling).response_ids)
+    assert torch.equal(*samples)
+
+
+def test_load_policy_prefers_sdpa_gqa_unless_told(tmp_path, tiny_qwen2):
+    from relift_pl.attention import NAME
+    from relift_pl.models import load_policy
+
+    tiny_qwen2.save_pretrained(tmp_path)
+    assert load_policy(str(tmp_path)).config._attn_implementation == NAME
+    assert load_policy(str(tmp_path), attn_implementation="eager").config._attn_implementation == "eager"
+    assert load_policy(str(tmp_path), attn_implementation=NAME).config._attn_implementation == NAME
