@@ -8,14 +8,16 @@ training log and one in ``results.md`` come from the same code.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torchmetrics.aggregation import MeanMetric
 
-from relift_pl.distributed import world_size_and_rank
+from relift_pl.distributed import all_gather_objects, world_size_and_rank
 from relift_pl.rollout.base import SamplingParams
 
 # progress(set name, problems scored so far on this rank, problems on this rank)
@@ -34,6 +36,10 @@ class SetScore:
     num_problems: int
     """Problems scored (after the problem limit), over all ranks."""
     k: int
+    per_problem: dict[str, float] = field(default_factory=dict)
+    """Problem id -> share of its k samples that were correct (all ranks' problems)."""
+    response_tokens: dict[str, float] = field(default_factory=dict)
+    """Problem id -> mean response length of its k samples, in tokens."""
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -75,6 +81,10 @@ class BenchmarkEvaluation(L.Callback):
         after_training: evaluate once more at the end if the last step was not evaluated.
         seed: sampling seed, so the same policy gets the same score, and evaluation leaves the
             training random streams untouched; None samples from the global streams.
+        per_problem_file: if set, every evaluation appends one JSON line per set to this file:
+            ``{"step", "set", "k", "correct": {problem id: share of k samples correct},
+            "tokens": {problem id: mean response tokens}}``
+            (what per-question analyses such as the toy study's capability map read).
     """
 
     def __init__(
@@ -89,6 +99,7 @@ class BenchmarkEvaluation(L.Callback):
         before_training: bool = True,
         after_training: bool = True,
         seed: int | None = 0,
+        per_problem_file: str | None = None,
     ) -> None:
         if batch_prompts < 1:
             raise ValueError(f"callbacks.evaluation.batch_prompts must be >= 1, got {batch_prompts}")
@@ -103,6 +114,7 @@ class BenchmarkEvaluation(L.Callback):
         self.before_training = before_training
         self.after_training = after_training
         self.seed = seed
+        self.per_problem_file = per_problem_file
         self.history: list[tuple[int, dict[str, float]]] = []
 
     @property
@@ -134,7 +146,16 @@ class BenchmarkEvaluation(L.Callback):
         """
         if eval_sets is None:
             eval_sets = getattr(trainer.datamodule, "eval_sets", {}) or {}
-        results = metrics_of(self.evaluate(module, eval_sets))
+        scores = self.evaluate(module, eval_sets)
+        results = metrics_of(scores)
+        if scores and self.per_problem_file and trainer.is_global_zero:
+            path = Path(self.per_problem_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                for score in scores:
+                    line = {"step": module.step_count, "set": score.name, "k": score.k,
+                            "correct": score.per_problem, "tokens": score.response_tokens}
+                    f.write(json.dumps(line) + "\n")
         if results:
             for logger in trainer.loggers:
                 logger.log_metrics(results, step=module.step_count)
@@ -180,6 +201,8 @@ class BenchmarkEvaluation(L.Callback):
         mine = rows[rank::world]
         # On the module's device: NCCL cannot reduce CPU tensors across ranks.
         avg, pas = MeanMetric().to(module.device), MeanMetric().to(module.device)
+        per_problem: dict[str, float] = {}
+        tokens: dict[str, float] = {}
         # Every rank runs the same number of generate calls (sharded engines need all ranks).
         per_rank = -(-len(rows) // world)
         for start in range(0, per_rank, self.batch_prompts):
@@ -195,10 +218,14 @@ class BenchmarkEvaluation(L.Callback):
             scored = module.reward_fn(texts, golds, **extra)
             correct = torch.tensor(scored.rewards, device=module.device).view(-1, self.k)  # [P, k]
             avg.update(correct.mean(dim=1))
+            lengths = batch.response_mask.sum(dim=1).float().view(-1, self.k).mean(dim=1)  # [P]
+            per_problem |= {str(row["id"]): v for row, v in zip(chunk, correct.mean(dim=1).tolist())}
+            tokens |= {str(row["id"]): v for row, v in zip(chunk, lengths.tolist())}
             pas.update(correct.amax(dim=1))
             if progress is not None:
                 progress(name, start + len(chunk), len(mine))
-        return SetScore(name, float(avg.compute()), float(pas.compute()), len(rows), self.k)
+        merged = [{k: v for part in all_gather_objects([d]) for k, v in part.items()} for d in (per_problem, tokens)]
+        return SetScore(name, float(avg.compute()), float(pas.compute()), len(rows), self.k, *merged)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}

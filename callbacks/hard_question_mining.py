@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from relift_pl.buffer import demo_row
 from relift_pl.checkpoint import nested_tuples
 from relift_pl.distributed import all_gather_objects, world_size_and_rank
 
@@ -37,7 +38,7 @@ class HardQuestionMining(L.Callback):
         if not module.algo.sft_enabled:
             return
         chosen = self._choose(module.algo.buffer_selection, rows, group_rewards)
-        usable = [self._slim(row) for row in chosen if row.get("demo_ids")]
+        usable = [demo_row(row) for row in chosen if row.get("demo_ids")]
         self.rows_without_demo += len(chosen) - len(usable)
         module.buffer.push(all_gather_objects(usable))
 
@@ -58,11 +59,6 @@ class HardQuestionMining(L.Callback):
             "train/solve_all_rate": (solved == group_size).float().mean().item(),
             "train/solved_rate": (solved > 0).float().mean().item(),
         }
-
-    @staticmethod
-    def _slim(row: dict[str, Any]) -> dict[str, Any]:
-        # Only what an SFT step needs travels between ranks and into checkpoints.
-        return {"id": row["id"], "prompt_ids": row["prompt_ids"], "demo_ids": row["demo_ids"]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self._rng.getstate(), "rows_without_demo": self.rows_without_demo}

@@ -6,6 +6,11 @@ from collections import deque
 from typing import Any
 
 
+def demo_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Only what an SFT step needs: what travels between ranks and into checkpoints."""
+    return {"id": row["id"], "prompt_ids": row["prompt_ids"], "demo_ids": row["demo_ids"]}
+
+
 class DemonstrationBuffer:
     """A bounded, newest-first queue of demonstration rows.
 
@@ -45,11 +50,12 @@ class DemonstrationBuffer:
             self._rows.pop()
             self.dropped += 1
 
-    def pop(self) -> list[dict[str, Any]]:
-        """Removes and returns the ``threshold`` newest rows (newest first)."""
-        if not self.ready:
-            raise RuntimeError(f"buffer holds {len(self)} rows, fewer than M={self.threshold}")
-        return [self._rows.popleft() for _ in range(self.threshold)]
+    def pop(self, n: int | None = None) -> list[dict[str, Any]]:
+        """Removes and returns the ``n`` (default ``threshold``) newest rows (newest first)."""
+        n = self.threshold if n is None else n
+        if len(self) < n:
+            raise RuntimeError(f"buffer holds {len(self)} rows, fewer than the {n} requested")
+        return [self._rows.popleft() for _ in range(n)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"rows": list(self._rows), "dropped": self.dropped}

@@ -44,6 +44,19 @@ class AlgorithmConfig:
     """M: rows per SFT step; an SFT step runs when the buffer holds at least M."""
     buffer_capacity: int | None = None
     """Most rows kept (oldest dropped beyond it); default 4 x M."""
+    sft_schedule: str = "buffer"
+    """When an SFT step runs: ``buffer`` (ReLIFT: as soon as the buffer holds M rows),
+    ``every_step`` (after every RL step, on the up-to-M newest buffered rows, if any: the paper's
+    "SFT after every RL step" ablation) or ``interval`` (every ``sft_interval`` training steps,
+    on M rows; with ``buffer_selection: all`` the paper's uniform-schedule ablation)."""
+    sft_interval: int = 8
+    """Training steps between SFT steps under ``sft_schedule: interval``."""
+    sft_warmup_steps: int = 0
+    """SFT-then-RL: the first this many training steps are SFT steps on every prompt's
+    demonstration (no rollouts); RL runs afterwards."""
+    sft_loss_coef: float = 0.0
+    """RL-with-SFT-loss: every RL step's loss adds this x the SFT loss of the step's
+    demonstrations (all prompts; one optimizer, the RL one). 0: off."""
     buffer_selection: str = "hardest"
     """Which prompts' demonstrations enter the buffer: ``hardest`` (all G rollouts failed; ReLIFT),
     ``all`` (every prompt; SFT on all demonstrations) or ``random`` (as many as were hardest, drawn
@@ -58,6 +71,11 @@ class AlgorithmConfig:
     """Partial optimizer over the policy's parameters for RL steps."""
     sft_optimizer: Callable | None = None
     """A second, separate partial optimizer for SFT steps (own moments, lr, weight decay)."""
+
+    @property
+    def uses_sft_optimizer(self) -> bool:
+        """Whether a separate SFT optimizer is needed (buffered SFT steps or an SFT warm-up)."""
+        return self.sft_enabled or self.sft_warmup_steps > 0
 
     def validate(self) -> None:
         def need(ok: bool, key: str, rule: str, value) -> None:
@@ -82,9 +100,21 @@ class AlgorithmConfig:
         need(self.rl_enabled or self.buffer_selection == "all", "buffer_selection",
              "'all' when rl_enabled is false (hardness needs rollouts)", self.buffer_selection)
         need(self.rl_enabled or self.sft_enabled, "rl_enabled / sft_enabled", "true for at least one", False)
+        need(self.sft_schedule in ("buffer", "every_step", "interval"), "sft_schedule",
+             "one of buffer, every_step, interval", self.sft_schedule)
+        need(self.sft_interval >= 1, "sft_interval", ">= 1", self.sft_interval)
+        need(self.sft_warmup_steps >= 0, "sft_warmup_steps", ">= 0", self.sft_warmup_steps)
+        need(self.sft_warmup_steps == 0 or self.rl_enabled, "sft_warmup_steps",
+             "0 when rl_enabled is false (the SFT-only run is algorithm=sft)", self.sft_warmup_steps)
+        need(self.sft_loss_coef >= 0, "sft_loss_coef", ">= 0", self.sft_loss_coef)
+        need(self.sft_loss_coef == 0 or self.rl_enabled, "sft_loss_coef",
+             "0 when rl_enabled is false (it is added to RL steps)", self.sft_loss_coef)
         if self.rl_enabled:
             need(self.pg_loss is not None, "pg_loss", "set when rl_enabled", None)
             need(self.rl_optimizer is not None, "rl_optimizer", "set when rl_enabled", None)
-        if self.sft_enabled:
-            need(self.sft_loss is not None, "sft_loss", "set when sft_enabled", None)
-            need(self.sft_optimizer is not None, "sft_optimizer", "set when sft_enabled", None)
+        if self.sft_enabled or self.sft_warmup_steps or self.sft_loss_coef:
+            need(self.sft_loss is not None, "sft_loss",
+                 "set when sft_enabled, sft_warmup_steps or sft_loss_coef is on", None)
+        if self.uses_sft_optimizer:
+            need(self.sft_optimizer is not None, "sft_optimizer",
+                 "set when sft_enabled or sft_warmup_steps > 0", None)

@@ -27,10 +27,10 @@ from torch import Tensor
 
 from relift_pl.algorithms import group_advantages, policy_logprobs
 from relift_pl.algorithms.mismatch import logprob_diff, truncated_is_weights
-from relift_pl.buffer import DemonstrationBuffer
+from relift_pl.buffer import DemonstrationBuffer, demo_row
 from relift_pl.checkpoint import rng_state, set_rng_state
 from relift_pl.config import AlgorithmConfig
-from relift_pl.distributed import all_reduce_max, all_reduce_sum, world_size_and_rank
+from relift_pl.distributed import all_gather_objects, all_reduce_max, all_reduce_sum, world_size_and_rank
 from relift_pl.micro_batching import MicroBatch, pad_plan, plan_micro_batches
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, left_pad, right_pad
 
@@ -182,7 +182,7 @@ class ReLIFTModule(L.LightningModule):
         optimizers = []
         self._opt_index: dict[str, int] = {}
         for name, factory in (("rl", self.algo.rl_optimizer), ("sft", self.algo.sft_optimizer)):
-            enabled = self.algo.rl_enabled if name == "rl" else self.algo.sft_enabled
+            enabled = self.algo.rl_enabled if name == "rl" else self.algo.uses_sft_optimizer
             if enabled:
                 self._opt_index[name] = len(optimizers)
                 optimizers.append(factory(params))
@@ -240,7 +240,9 @@ class ReLIFTModule(L.LightningModule):
         metrics: dict[str, float] = {}
         record = StepRecord(rows=batch, group_rewards=None, responses=None)
 
-        if self.algo.rl_enabled:
+        # SFT-then-RL: the first sft_warmup_steps training steps are SFT on every demonstration.
+        warmup = self.step_count < self.algo.sft_warmup_steps
+        if self.algo.rl_enabled and not warmup:
             rollout = self.generate([row["prompt_ids"] for row in batch], self.sampling)  # 1.
             responses = self.decode_responses(rollout)
             golds = [row["answer"] for row in batch for _ in range(self.algo.group_size)]
@@ -249,15 +251,18 @@ class ReLIFTModule(L.LightningModule):
             advantages = group_advantages(  # 3.
                 rewards, self.algo.group_size, self.algo.scale_advantages_by_std
             )
-            metrics |= self._rl_update(rollout, advantages)  # 4.
+            demos = self._batch_demos(batch) if self.algo.sft_loss_coef else None
+            metrics |= self._rl_update(rollout, advantages, demos)  # 4.
             metrics |= self._rollout_metrics(rollout, rewards, scored)
             record = StepRecord(batch, rewards.view(-1, self.algo.group_size), responses)
             self.rl_step += 1
 
         self._notify("on_rl_step_end", record)  # the mining callback fills the buffer here
 
-        if self.algo.sft_enabled and self.buffer.ready:  # 5.
-            metrics |= self._sft_update(self.buffer.pop())
+        if warmup:
+            metrics |= self._sft_update(self._batch_demos(batch))
+        elif self.algo.sft_enabled and (rows := self._due_sft_rows()):  # 5.
+            metrics |= self._sft_update(rows)
 
         self.step_count += 1
         available = max(getattr(self.trainer.datamodule, "demos_available", 0), 1)
@@ -272,6 +277,21 @@ class ReLIFTModule(L.LightningModule):
         self._log_metrics(metrics)
         if self.step_count >= self.max_steps:
             self.trainer.should_stop = True
+
+    def _due_sft_rows(self) -> list[dict[str, Any]] | None:
+        """The rows of this training step's SFT step under ``algorithm.sft_schedule``, or None."""
+        buffer, schedule = self.buffer, self.algo.sft_schedule
+        if schedule == "every_step":  # whatever is buffered, up to M, split evenly over ranks
+            world = world_size_and_rank()[0]
+            n = min(len(buffer), buffer.threshold) // world * world
+            return buffer.pop(n) if n else None
+        due = schedule == "buffer" or (self.step_count + 1) % self.algo.sft_interval == 0
+        return buffer.pop() if due and buffer.ready else None
+
+    @staticmethod
+    def _batch_demos(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every rank's prompts of the step that have a demonstration, the same list on all ranks."""
+        return all_gather_objects([demo_row(row) for row in batch if row.get("demo_ids")])
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
         sync = world_size_and_rank()[0] > 1
@@ -311,7 +331,11 @@ class ReLIFTModule(L.LightningModule):
         self.manual_backward(loss * (micro.weight * world_size_and_rank()[0]))
 
     # -- RL ------------------------------------------------------------------------------------
-    def _rl_update(self, rollout: RolloutBatch, advantages: Tensor) -> dict[str, float]:
+    def _rl_update(
+        self, rollout: RolloutBatch, advantages: Tensor, demos: list[dict[str, Any]] | None = None
+    ) -> dict[str, float]:
+        """PG update; with ``demos`` (RL-with-SFT-loss) each optimizer step also carries
+        ``sft_loss_coef`` x the SFT loss of those demonstrations."""
         optimizer = self._optimizer("rl")
         device = self.device
         input_ids = rollout.input_ids.to(device)  # [N, P + R]
@@ -376,6 +400,8 @@ class ReLIFTModule(L.LightningModule):
                 sums["rl/loss"] = sums.get("rl/loss", 0.0) + loss.item()
                 for key, value in parts.items():
                     sums[f"rl/{key}"] = sums.get(f"rl/{key}", 0.0) + share * float(value)
+            if demos:
+                sums |= self._sft_backward(demos, self.algo.sft_loss_coef / len(mini_batches), "rl/sft_")
             sums["rl/grad_norm"] = self._optimizer_step(optimizer, self.algo.rl_grad_clip, "rl")
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + value / len(mini_batches)
@@ -428,7 +454,19 @@ class ReLIFTModule(L.LightningModule):
 
     # -- SFT -----------------------------------------------------------------------------------
     def _sft_update(self, rows: list[dict[str, Any]]) -> dict[str, float]:
-        """One SFT step on the M popped rows; each rank takes its share (M % world == 0)."""
+        """One SFT step (its own optimizer) on ``rows``; each rank takes its share."""
+        optimizer = self._optimizer("sft")
+        self._move_optimizer_state(optimizer, self.device)
+        sums = self._sft_backward(rows)
+        sums["sft/grad_norm"] = self._optimizer_step(optimizer, self.algo.sft_grad_clip, "sft")
+        if self.algo.offload_sft_optimizer:
+            self._move_optimizer_state(optimizer, torch.device("cpu"))
+        self.sft_step += 1
+        return sums
+
+    def _sft_backward(self, rows: list[dict[str, Any]], scale: float = 1.0, prefix: str = "sft/") -> dict[str, float]:
+        """Accumulates ``scale`` x the SFT loss gradient of ``rows`` (the same list on every rank,
+        whose length is a multiple of the world size); returns metrics named ``<prefix>...``."""
         world, rank = world_size_and_rank()
         self.demos_used.update(str(row["id"]) for row in rows)
         mine = rows[rank::world]
@@ -441,9 +479,7 @@ class ReLIFTModule(L.LightningModule):
         prompt_len = prompt_ids.shape[1]
         num_tokens = all_reduce_sum(loss_mask.sum())
         num_seqs = all_reduce_sum(torch.tensor(float(len(mine)), device=self.device))
-        optimizer = self._optimizer("sft")
-        self._move_optimizer_state(optimizer, self.device)
-        sums: dict[str, float] = {"sft/loss": 0.0}
+        sums: dict[str, float] = {f"{prefix}loss": 0.0}
         plan = self._plan(attention_mask, prompt_len, torch.arange(len(mine)), self.algo.sft_micro_batch_size)
         for mb in plan:
             logprobs, entropy = self._logprobs(
@@ -454,17 +490,13 @@ class ReLIFTModule(L.LightningModule):
                 logprobs, loss_mask[mb.rows, : mb.response_len], entropy=entropy,
                 num_tokens=num_tokens, num_seqs=num_seqs,
             )
-            self._backward(loss, mb)
+            self._backward(loss * scale, mb)
             if not mb.weight:
                 continue
-            sums["sft/loss"] += loss.item()
+            sums[f"{prefix}loss"] += loss.item()
             for key, value in parts.items():
-                sums[f"sft/{key}"] = sums.get(f"sft/{key}", 0.0) + float(value) * len(mb.rows) / len(mine)
-        sums["sft/grad_norm"] = self._optimizer_step(optimizer, self.algo.sft_grad_clip, "sft")
-        if self.algo.offload_sft_optimizer:
-            self._move_optimizer_state(optimizer, torch.device("cpu"))
-        sums["sft/demo_tokens"] = float(num_tokens)
-        self.sft_step += 1
+                sums[f"{prefix}{key}"] = sums.get(f"{prefix}{key}", 0.0) + float(value) * len(mb.rows) / len(mine)
+        sums[f"{prefix}demo_tokens"] = float(num_tokens)
         return sums
 
     @staticmethod

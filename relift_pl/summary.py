@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -20,6 +22,10 @@ class RunSummary:
     wall_seconds: float
     k: int
     extra: dict[str, float] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        """Writes the summary as JSON (what scripts aggregating many runs read)."""
+        Path(path).write_text(json.dumps(asdict(self), indent=1))
 
     def sets(self) -> list[str]:
         suffix = f"/avg@{self.k}"

@@ -110,4 +110,5 @@ def fit(cfg: DictConfig) -> FitResult:
     )
     if trainer.is_global_zero:
         summary.print()
+        summary.save(os.path.join(cfg.paths.output_dir, "summary.json"))
     return FitResult(trainer, module, datamodule, summary)

@@ -21,8 +21,9 @@ Why the levels behave as RL and SFT need them to (see `relift_pl.toy.base`):
   of these hardest questions can teach it, which is what ReLIFT's SFT steps do. (A first design,
   a*b+c, let the base hit 1-3% by luck: its noisy sums land in the same range as the products.)
 
-Splits are decided by hashing the problem text, independently of any seed, so the train and test
-sets never share a problem and held-out accuracy per level is honest. Answers come from the
+Splits are decided by hashing the problem text, independently of any seed, so the train,
+validation and test sets never share a problem: settings are chosen on validation and reported
+on test. Answers come from the
 generator's own integers; nothing is ever evaluated from text.
 """
 
@@ -50,6 +51,8 @@ class ToyWorldConfig:
     """Inclusive range of every other operand (all of level 4's)."""
     test_fraction: float = 0.25
     """Share of each level's problems (by hash of the text) that belong to the test split."""
+    val_fraction: float = 0.15
+    """Share that belongs to the validation split (choose settings on it; report on test)."""
 
 
 @dataclass(frozen=True)
@@ -104,14 +107,18 @@ def _enumerate(level: int, cfg: ToyWorldConfig) -> list[_Problem]:
     raise ValueError(f"unknown level {level}; levels are {LEVELS}")
 
 
-def split_of(problem: str, test_fraction: float) -> Literal["train", "test"]:
+Split = Literal["train", "val", "test"]
+SPLITS = ("train", "val", "test")
+
+
+def split_of(problem: str, test_fraction: float, val_fraction: float = 0.0) -> Split:
     """Which split a problem text belongs to; a pure function of the text."""
-    digest = hashlib.sha256(problem.encode()).digest()
-    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+    u = int.from_bytes(hashlib.sha256(problem.encode()).digest()[:8], "big") / 2**64
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
 def level_pool(
-    split: Literal["train", "test"],
+    split: Split,
     level: int,
     config: ToyWorldConfig | None = None,
     *,
@@ -120,7 +127,7 @@ def level_pool(
     """All rows of one level in one split, in a fixed order (see `make_rows` for the schema).
 
     Args:
-        split: "train" or "test".
+        split: "train", "val" or "test".
         level: difficulty level.
         config: world knobs; `ToyWorldConfig()` when None.
         stop_after: if set, demonstrations keep `steps[:stop_after]` (so -1: one step short)
@@ -145,12 +152,12 @@ def _cached_pool(
             "level": level,
         }
         for p in _enumerate(level, cfg)
-        if split_of(p.text, cfg.test_fraction) == split
+        if split_of(p.text, cfg.test_fraction, cfg.val_fraction) == split
     )
 
 
 def make_rows(
-    split: Literal["train", "test"],
+    split: Split,
     levels: Sequence[int],
     n_per_level: int,
     seed: int,
@@ -159,10 +166,10 @@ def make_rows(
     """Draw up to `n_per_level` distinct problems of each level from one split.
 
     A level with fewer problems in the split than `n_per_level` contributes all of them (with the
-    defaults: level 1 has 134 train / 46 test problems).
+    defaults: level 1 has 113 train / 21 val / 46 test problems).
 
     Args:
-        split: "train" or "test"; the two never share a problem, whatever the seed.
+        split: "train", "val" or "test"; no two share a problem, whatever the seed.
         levels: difficulty levels to draw from (subset of `LEVELS`).
         n_per_level: problems per level (at most).
         seed: which problems are drawn and in which order.
@@ -173,8 +180,8 @@ def make_rows(
         "demonstration", "level"}; `demonstration` is the response without prompt and EOS.
         Rows are grouped by level in the order of `levels`, shuffled within each level.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rows = []
     for level in levels:
         pool = level_pool(split, level, config)

@@ -37,6 +37,26 @@ BUILD_ERRORS = {
         ValueError,
         "algorithm.buffer_capacity must be >= buffer_threshold (M=4) or null (4 x M), got 2",
     ),
+    "sft-schedule": (
+        ["algorithm.sft_schedule=sometimes"],
+        ValueError,
+        "algorithm.sft_schedule must be one of buffer, every_step, interval, got 'sometimes'",
+    ),
+    "sft-interval": (
+        ["algorithm.sft_interval=0"],
+        ValueError,
+        "algorithm.sft_interval must be >= 1, got 0",
+    ),
+    "sft-warmup-without-rl": (
+        ["algorithm=sft", "algorithm.sft_warmup_steps=2"],
+        ValueError,
+        "algorithm.sft_warmup_steps must be 0 when rl_enabled is false (the SFT-only run is algorithm=sft), got 2",
+    ),
+    "sft-loss-coef": (
+        ["algorithm=rl_with_sft_loss", "algorithm.sft_loss_coef=-1"],
+        ValueError,
+        "algorithm.sft_loss_coef must be >= 0, got -1.0",
+    ),
     "mini-batches": (
         ["algorithm.num_mini_batches=0"],
         ValueError,

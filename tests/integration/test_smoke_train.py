@@ -75,3 +75,23 @@ def test_summary_reports_before_and_after(smoke):
     assert summary.sets() == ["level1", "level2", "level3", "level4"]
     assert summary.before.keys() == summary.after.keys()
     assert summary.demos_available == result.datamodule.demos_available > 0
+
+
+def test_summary_json_and_per_problem_scores_agree_with_the_logged_accuracy(smoke):
+    import json
+
+    result, out = smoke
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["after"] == result.summary.after and saved["sft_steps"] == 3
+    lines = [json.loads(x) for x in (out / "eval" / "per_problem.jsonl").read_text().splitlines()]
+    # Before and after training, one line per set.
+    assert [(x["step"], x["set"]) for x in lines] == [
+        (step, f"level{i}") for step in (0, 3) for i in (1, 2, 3, 4)
+    ]
+    ids = {row["id"] for row in result.datamodule.eval_sets["level4"][:4]}
+    for line in lines[-4:]:
+        assert len(line["correct"]) == 4 and line["tokens"].keys() == line["correct"].keys()
+        mean = sum(line["correct"].values()) / 4
+        assert mean == pytest.approx(result.summary.after[f"val/{line['set']}/avg@2"])
+        assert all(0 < t <= 24 for t in line["tokens"].values())  # max_new_tokens=24
+    assert set(lines[-1]["correct"]) == ids

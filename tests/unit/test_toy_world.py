@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from relift_pl.toy import base as toy_base
 from relift_pl.toy.base import ensure_toy_base, sft_batch, tiny_qwen2_config
 from relift_pl.toy.tokenizer import build_toy_tokenizer
-from relift_pl.toy.world import LEVELS, level_pool, make_rows
+from relift_pl.toy.world import LEVELS, ToyWorldConfig, _enumerate, level_pool, make_rows
 
 torch.set_num_threads(1)
 
@@ -50,11 +50,12 @@ def test_rows_schema_and_determinism():
 
 def test_splits_are_disjoint_whatever_the_seed():
     for level in LEVELS:
-        train = {r["problem"] for r in level_pool("train", level)}
-        test = {r["problem"] for r in level_pool("test", level)}
-        assert train and test and not train & test
-        drawn = {r["problem"] for seed in range(3) for r in make_rows("test", [level], 30, seed)}
-        assert drawn <= test
+        train, val, test = ({r["problem"] for r in level_pool(s, level)} for s in ("train", "val", "test"))
+        assert train and val and test and not (train & test or train & val or val & test)
+        everything = {p.text for p in _enumerate(level, ToyWorldConfig())}
+        assert train | val | test == everything
+        drawn = {r["problem"] for seed in range(3) for r in make_rows("val", [level], 30, seed)}
+        assert drawn <= val
 
 
 def test_demonstrations_are_correct_worked_solutions():
