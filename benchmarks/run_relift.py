@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--natural_eos", action="store_true")
     ap.add_argument("--kv_cache_mib", type=int, default=64, help="vLLM KV cache (CPU)")
+    ap.add_argument("--attn_implementation", default=None,
+                    help="model.attn_implementation (default: sdpa_gqa on sdpa models)")
     ap.add_argument(
         "--overrides", nargs="*", default=[],
         help="extra Hydra overrides of the algorithm group (e.g. algorithm.pg_loss.entropy_coef=0.001)",
@@ -179,7 +181,8 @@ def main(argv=None) -> None:
     # NOT AutoTokenizer (relift_pl.models.load_tokenizer): in transformers 5.x it returns a
     # Qwen2Tokenizer for this directory, which drops spaces and newlines (workload README).
     tokenizer = PreTrainedTokenizerFast.from_pretrained(wl, padding_side="left")
-    policy = load_policy(wl, dtype="float32")  # AutoModelForCausalLM.from_pretrained, as run_trl.py
+    # AutoModelForCausalLM.from_pretrained, as run_trl.py (the project's loader).
+    policy = load_policy(wl, dtype="float32", attn_implementation=args.attn_implementation)
     algorithm = instantiate(cfg.algorithm)
     # Rows in the datamodule's schema; the SFT variant's demonstration is the workload's
     # solution ("a op b = c. \\boxed{c}"). The prompt field is used verbatim.
@@ -331,6 +334,7 @@ def main(argv=None) -> None:
         "sft_steps": sum(rec["sft_steps"][w:]),
         "other_s_per_step": mean - prep_s - rl - sft_s,
         "model_params": sum(p.numel() for p in policy.parameters()),
+        "attn_implementation": policy.config._attn_implementation,
     }
     print(json.dumps(result))
 

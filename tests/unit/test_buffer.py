@@ -11,7 +11,7 @@ def test_pop_waits_for_threshold_and_returns_newest_first():
     buffer = DemonstrationBuffer(threshold=3, capacity=10)
     buffer.push(rows("a", "b"))
     assert not buffer.ready
-    with pytest.raises(RuntimeError, match="fewer than M=3"):
+    with pytest.raises(RuntimeError, match="holds 2 rows, fewer than the 3 requested"):
         buffer.pop()
     buffer.push(rows("c", "d"))
     assert buffer.ready
@@ -45,3 +45,11 @@ def test_state_round_trip_preserves_order_and_counters():
 def test_invalid_sizes_name_the_key(threshold, capacity, message):
     with pytest.raises(ValueError, match=message):
         DemonstrationBuffer(threshold=threshold, capacity=capacity)
+
+
+def test_pop_n_takes_fewer_than_m_newest_first():
+    # The every-step schedule fine-tunes on whatever is buffered, without waiting for M.
+    buffer = DemonstrationBuffer(threshold=4, capacity=8)
+    buffer.push(rows("a", "b", "c"))
+    assert [r["id"] for r in buffer.pop(2)] == ["c", "b"]
+    assert [r["id"] for r in buffer.state_dict()["rows"]] == ["a"]
