@@ -9,6 +9,12 @@ from callbacks.evaluation import BenchmarkEvaluation, metrics_of
 from relift_pl.rewards import MathVerifyReward
 
 
+class ScriptedBatch(list):
+    """The prompts' keys, with a ``response_mask`` like a RolloutBatch's."""
+
+    response_mask: torch.Tensor
+
+
 class ScriptedModule:
     """Answers prompt p with ``responses[p]`` (k texts); draws from the global RNG like sampling."""
 
@@ -22,14 +28,18 @@ class ScriptedModule:
     def generate(self, prompt_ids, sampling):
         self.calls += 1
         torch.rand(1)
-        return [p[0] for p in prompt_ids]
+        batch = ScriptedBatch(p[0] for p in prompt_ids)
+        # One "token" per character of each scripted response.
+        lengths = torch.tensor([len(t) for p in batch for t in self.responses[p]])
+        batch.response_mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
+        return batch
 
     def decode_responses(self, batch):
         return [text for p in batch for text in self.responses[p]]
 
 
 def rows(*answers: str, grading: str | None = None, first_id: int = 0):
-    out = [{"prompt_ids": [first_id + i], "answer": a} for i, a in enumerate(answers)]
+    out = [{"id": f"q{first_id + i}", "prompt_ids": [first_id + i], "answer": a} for i, a in enumerate(answers)]
     for row in out:
         if grading:
             row["grading"] = grading
@@ -64,6 +74,9 @@ def test_avg_and_pass_at_k_by_hand(reward):
         "val/avg": 0.375,
     }
     assert [(s.name, s.num_problems) for s in scores] == [("math", 2), ("arc", 1)]
+    assert scores[0].per_problem == {"q0": 0.5, "q1": 0.0}
+    lengths = {f"q{p}": sum(map(len, SCRIPT[p])) / 2 for p in (0, 1)}
+    assert scores[0].response_tokens == lengths
 
 
 def test_without_the_grading_field_the_digit_gold_is_math(reward):
