@@ -61,15 +61,23 @@ def command(method: str, seed: int, out: Path, args) -> list[str]:
     ]
 
 
+def finished(out: Path, steps: int) -> bool:
+    # A preempted run (SIGTERM) also writes a summary, with fewer steps.
+    return (out / "summary.json").exists() and json.loads((out / "summary.json").read_text())["steps"] >= steps
+
+
 def launch(method: str, seed: int, args) -> tuple[str, int, float, int]:
     out = run_dir(Path(args.runs_dir), args.split, method, seed)
-    if (out / "summary.json").exists():
+    if finished(out, args.steps):
         return method, seed, 0.0, 0
     out.mkdir(parents=True, exist_ok=True)
+    cmd = command(method, seed, out, args)
+    if any((out / "checkpoints").glob("*.ckpt")):  # a stopped run continues where it was
+        cmd.append("ckpt_path=last")
     started = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    with open(out / "stdout.log", "w") as log:
-        rc = subprocess.call(command(method, seed, out, args), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(out / "stdout.log", "a") as log:
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     return method, seed, time.time() - started, rc
 
 
@@ -245,7 +253,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=200, help="training steps per run (max_steps)")
+    ap.add_argument("--steps", type=int, default=150, help="training steps per run (max_steps)")
     ap.add_argument("--split", default="test", choices=["val", "test"], help="questions the runs are scored on")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
     ap.add_argument("--runs-dir", default=str(ROOT / ".cache" / "reproduce_toy"))

@@ -8,18 +8,24 @@ per operation, then the answer, in the response format the real path uses (the p
     level 1  a+b        12+5          ->  12+5=17</think>\\boxed{17}
     level 2  a+b+c      12+5+7        ->  12+5=17,17+7=24</think>\\boxed{24}
     level 3  a+b+c+d    12+5+7+3      ->  12+5=17,17+7=24,24+3=27</think>\\boxed{27}
-    level 4  a-b-c      3-7-2         ->  3-7=-4,-4-2=-6</think>\\boxed{-6}     (a < b)
+    level 4  -a-b-c     -3-7-2        ->  3+7=10,10+2=12</think>\\boxed{-12}
 
 Why the levels behave as RL and SFT need them to (see `relift_pl.toy.base`):
 - Levels 1-2 are the warm-start's curriculum: the base policy solves them.
 - Level 3 only adds one more step of the same kind. The warm-start sees some of it, mostly with
   demonstrations that stop one step early (a knob sets how many are complete), so the base
   learns to finish it only sometimes: RL has a signal to sharpen, and one decision to fix.
-- Level 4 uses subtraction, which the warm-start never shows, and its answers are negative, so
-  they start with a "-" the base was never trained to write. The base reads "-" as "+" or writes
-  noise; it never samples a correct answer and every group is all-wrong. Only the demonstrations
-  of these hardest questions can teach it, which is what ReLIFT's SFT steps do. (A first design,
-  a*b+c, let the base hit 1-3% by luck: its noisy sums land in the same range as the products.)
+- Level 4 is level 2's arithmetic behind a sign: -a-b-c = -(a+b+c). The demonstration adds the
+  magnitudes exactly as level 2 does and boxes the sum with a "-", a character the base was
+  never trained to write. The base answers with the positive sum or noise; it never samples a
+  correct answer and every group is all-wrong. What the demonstrations teach is one piece of
+  knowledge RL cannot find by sampling (a "-" before the box when the problem starts with one),
+  which is what ReLIFT's SFT steps on these hardest questions do.
+  Earlier designs and why they were replaced: a*b+c let the base hit 1-3% by luck (its noisy
+  sums land in the range of the products); a-b-c (a < b) needed 36 subtraction facts, and
+  -a-b-c with signed steps (-3-7=-10) a new way of copying operands; this 0.3M-parameter model
+  learned either too slowly for a CPU budget (about 10% after ~900 demonstrations, on the
+  validation split) while every method that used them lost more on levels 1-3.
 
 Splits are decided by hashing the problem text, independently of any seed, so the train,
 validation and test sets never share a problem: settings are chosen on validation and reported
@@ -48,7 +54,7 @@ class ToyWorldConfig:
     first_operand: tuple[int, int] = (1, 20)
     """Inclusive range of the first addend of levels 1-3; two digits give level 1 enough problems."""
     operand: tuple[int, int] = (1, 9)
-    """Inclusive range of every other operand (all of level 4's)."""
+    """Inclusive range of every other operand (and of level 4's magnitudes)."""
     test_fraction: float = 0.25
     """Share of each level's problems (by hash of the text) that belong to the test split."""
     val_fraction: float = 0.15
@@ -62,9 +68,13 @@ class _Problem:
     level: int
     operands: tuple[int, ...]
     ops: tuple[str, ...]  # "+" or "-", applied left to right; len(ops) == len(operands) - 1
+    negated: bool = False
+    """Level 4: the text is "-a-b-c", solved as -(a+b+c): the steps add the magnitudes."""
 
     @property
     def text(self) -> str:
+        if self.negated:
+            return "".join(f"-{x}" for x in self.operands)
         return str(self.operands[0]) + "".join(
             f"{op}{x}" for op, x in zip(self.ops, self.operands[1:], strict=True)
         )
@@ -79,15 +89,18 @@ class _Problem:
             total = result
         return steps
 
+    def boxed(self, result: int) -> int:
+        return -result if self.negated else result
+
     @property
     def answer(self) -> int:
-        return self.steps[-1][3]
+        return self.boxed(self.steps[-1][3])
 
     def demonstration(self, stop_after: int | None = None) -> str:
         """The worked solution, cut to `steps[:stop_after]` (boxing that partial result)."""
         steps = self.steps[:stop_after]
         body = ",".join(f"{left}{op}{right}={result}" for left, op, right, result in steps)
-        return f"{body}</think>\\boxed{{{steps[-1][3]}}}"
+        return f"{body}</think>\\boxed{{{self.boxed(steps[-1][3])}}}"
 
 
 def _enumerate(level: int, cfg: ToyWorldConfig) -> list[_Problem]:
@@ -98,11 +111,9 @@ def _enumerate(level: int, cfg: ToyWorldConfig) -> list[_Problem]:
         return [
             _Problem(level, xs, ("+",) * level) for xs in itertools.product(first, *[rest] * level)
         ]
-    if level == 4:
+    if level == 4:  # -a-b-c = -(a+b+c): a negative answer, a sign the base never writes
         return [
-            _Problem(level, (a, b, c), ("-", "-"))
-            for a, b, c in itertools.product(rest, rest, rest)
-            if a < b  # every answer negative: a sign the base never writes
+            _Problem(level, xs, ("+", "+"), negated=True) for xs in itertools.product(rest, rest, rest)
         ]
     raise ValueError(f"unknown level {level}; levels are {LEVELS}")
 

@@ -26,9 +26,9 @@ STEP = re.compile(r"^(-?\d+)([+-])(\d+)=(-?\d+)$")
 
 
 def fold(problem: str) -> int:
-    """Left-to-right value of "a+b-c...", computed here independently of the generator."""
-    numbers = [int(x) for x in re.findall(r"\d+", problem)]
-    ops = re.findall(r"[+-]", problem)
+    """Left-to-right value of "a+b-c..." or "-a-b...", computed independently of the generator."""
+    numbers = [int(x) for x in re.findall(r"-?\d+", problem[0] + re.sub(r"[+-]", " ", problem[1:]))]
+    ops = re.findall(r"[+-]", problem[1:])
     total = numbers[0]
     for op, x in zip(ops, numbers[1:], strict=True):
         total = total + x if op == "+" else total - x
@@ -66,13 +66,14 @@ def test_demonstrations_are_correct_worked_solutions():
         steps = [STEP.match(s) for s in body.split(",")]
         assert (
             len(steps)
-            == len(re.findall(r"[+-]", row["problem"]))
+            == len(re.findall(r"[+-]", row["problem"][1:]))
             == {1: 1, 2: 2, 3: 3, 4: 2}[row["level"]]
         )
         for match in steps:
             left, op, right, result = match.groups()
             assert int(result) == (int(left) + int(right) if op == "+" else int(left) - int(right))
-        assert steps[-1].group(4) == row["answer"]
+        # Level 4 (-a-b-c) adds the magnitudes and boxes the negated sum.
+        assert ("-" if row["level"] == 4 else "") + steps[-1].group(4) == row["answer"]
     # The hardest level's answers are all negative: a sign the warm-start never writes.
     assert all(int(r["answer"]) < 0 for r in level_pool("train", 4))
 
