@@ -30,7 +30,12 @@ from relift_pl.algorithms.mismatch import logprob_diff, truncated_is_weights
 from relift_pl.buffer import DemonstrationBuffer, demo_row
 from relift_pl.checkpoint import rng_state, set_rng_state
 from relift_pl.config import AlgorithmConfig
-from relift_pl.distributed import all_gather_objects, all_reduce_max, all_reduce_sum, world_size_and_rank
+from relift_pl.distributed import (
+    all_gather_objects,
+    all_reduce_max,
+    all_reduce_sum,
+    world_size_and_rank,
+)
 from relift_pl.micro_batching import MicroBatch, pad_plan, plan_micro_batches
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, left_pad, right_pad
 

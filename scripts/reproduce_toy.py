@@ -238,8 +238,13 @@ def write_outputs(args, runs: dict[str, list[dict]]) -> None:
         f"`python scripts/reproduce_toy.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
         "Accuracy = avg@4 (% of 4 samples at T=1 correct) on the held-out "
         f"{args.split} questions per level, after {args.steps} training steps, mean ± std over seeds. "
-        "Demos used = distinct demonstrations that entered an SFT step / all training demonstrations. "
-        "Response tokens = mean response length at the final evaluation.", "",
+        "Demos used = distinct demonstrations that entered an SFT step (or the SFT loss) / all training "
+        "demonstrations. Response tokens = mean response length at the final evaluation.", "",
+        "Budget, the same for every method: the same base, the same training steps of B=16 prompts "
+        "(the same prompts in the same order for a seed), G=8 samples per prompt for RL steps, "
+        "at most one RL and one SFT optimizer step per training step (RL with SFT loss: one joint "
+        "step). SFT learning rates were chosen per method on the validation split "
+        "(docs/results/toy_tuning.md); the test questions were used for nothing else.", "",
         table(runs), "",
     ]
     if {"grpo", "relift"} <= set(runs):
