@@ -87,6 +87,18 @@ def launch(method: str, seed: int, args) -> tuple[str, int, float, int]:
     return method, seed, time.time() - started, rc
 
 
+def build_base(args) -> None:
+    """Builds (or finds) the cached toy base once, before parallel runs would race to build it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    import relift_pl.train  # noqa: F401  (registers the config's relift_root resolver)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=toy_paper", *args.overrides])
+    print(f"toy base: {instantiate(cfg.model.build)()}", flush=True)
+
+
 # -- aggregation ---------------------------------------------------------------------------------
 def load_run(path: Path) -> dict:
     """{"summary": ..., "evals": {step: {set: {"correct": {id: v}, "tokens": {id: v}}}}}."""
@@ -274,6 +286,7 @@ def main(argv=None) -> None:
     args.out = args.out or str(ROOT / "docs" / "results" if args.split == "test" else Path(args.runs_dir) / "val")
     from rich.progress import Progress
 
+    build_base(args)
     jobs = [(m, s) for s in args.seeds for m in args.methods]
     failed = []
     with Progress() as progress, ThreadPoolExecutor(args.jobs) as pool:
