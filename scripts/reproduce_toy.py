@@ -144,8 +144,9 @@ def table(runs: dict[str, list[dict]]) -> str:
 def capability(runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, list[str]], dict[str, dict[str, float]]]:
     """Each test question's category, from the base and the final policies (mean over seeds):
 
-    solved by the base; learned by RL (GRPO solves it); learned only with SFT (ReLIFT solves it,
-    GRPO does not); never; and "lost" (the base solved it, ReLIFT does not)."""
+    solved by the base (and kept by ReLIFT); learned by RL (GRPO solves it); learned only with
+    SFT (SFT-only or ReLIFT solves it, GRPO does not); never; and "lost by ReLIFT" (the base
+    solved it, ReLIFT's final policy does not)."""
     def final(method: str) -> dict[str, float]:
         per_seed = [{k: v for s in LEVELS for k, v in r["evals"][max(r["evals"])][s]["correct"].items()}
                     for r in runs[method]]
@@ -154,14 +155,22 @@ def capability(runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, list[s
     any_run = next(iter(runs.values()))[0]
     base = {k: v for s in LEVELS for k, v in any_run["evals"][0][s]["correct"].items()}
     level_of = {k: s for s in LEVELS for k in any_run["evals"][0][s]["correct"]}
-    finals = {"base": base} | {m: final(m) for m in ("grpo", "sft", "relift") if m in runs}
+    finals = {"base": base} | {m: final(m) for m in ("grpo", "sft", "sft_then_rl", "relift") if m in runs}
+
+    def solves(method: str, q: str) -> bool:
+        return finals.get(method, {}).get(q, 0.0) >= SOLVED
+
     categories: dict[str, list[str]] = {s: [] for s in LEVELS}
     order = []
     for q in base:
-        b, g = base[q] >= SOLVED, finals.get("grpo", {}).get(q, 0) >= SOLVED
-        r = finals.get("relift", {}).get(q, 0) >= SOLVED
-        cat = ("solved by the base" if r else "lost by ReLIFT") if b else \
-            "learned by RL" if g else "learned only with SFT" if r else "never"
+        if solves("base", q):
+            cat = "solved by the base" if solves("relift", q) else "lost by ReLIFT"
+        elif solves("grpo", q):
+            cat = "learned by RL"
+        elif solves("sft", q) or solves("relift", q):
+            cat = "learned only with SFT"
+        else:
+            cat = "never"
         categories[level_of[q]].append(cat)
         order.append(q)
     return order, categories, finals

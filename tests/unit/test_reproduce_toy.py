@@ -39,6 +39,16 @@ def test_capability_categories():
     assert finals["base"]["b"] == 0.0 and finals["relift"]["c"] == 0.5
 
 
+def test_questions_only_sft_only_solves_count_as_learned_with_sft():
+    runs = {
+        "grpo": [run(BASE, BASE)],
+        "sft": [run({**BASE, "h": 1.0}, BASE)],
+        "relift": [run(BASE, BASE)],
+    }
+    order, categories, _ = reproduce_toy.capability(runs)
+    assert dict(zip(order, [c for s in LEVELS for c in categories[s]]))["h"] == "learned only with SFT"
+
+
 def test_capability_averages_seeds_before_thresholding():
     # c: solved in one seed of two (1.0, 0.0): mean 0.5 counts as solved; d (0.5, 0.25) does not.
     runs = {
