@@ -55,7 +55,7 @@ BUILD_ERRORS = {
     "sft-loss-coef": (
         ["algorithm=rl_with_sft_loss", "algorithm.sft_loss_coef=-1"],
         ValueError,
-        "algorithm.sft_loss_coef must be >= 0, got -1.0",
+        "algorithm.sft_loss_coef must be >= 0, got -1",
     ),
     "mini-batches": (
         ["algorithm.num_mini_batches=0"],
