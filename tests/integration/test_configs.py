@@ -52,7 +52,11 @@ def test_algorithms_instantiate_and_validate(make_cfg, algorithm):
     algo = instantiate(make_cfg(f"algorithm={algorithm}").algorithm)
     algo.validate()
     assert algo.rl_enabled == (algorithm != "sft")
-    assert algo.sft_enabled == (algorithm != "grpo")
+    # Buffered SFT steps: ReLIFT and its ablations, and SFT-only; the other baselines fine-tune
+    # through a warm-up phase or an added loss instead.
+    assert algo.sft_enabled == (algorithm not in ("grpo", "sft_then_rl", "rl_with_sft_loss"))
+    assert (algo.sft_warmup_steps > 0) == (algorithm == "sft_then_rl")
+    assert (algo.sft_loss_coef > 0) == (algorithm == "rl_with_sft_loss")
 
 
 def test_unknown_key_is_rejected(make_cfg):
