@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trl_compare import ROOT, ensure_workload, run_one, uptime  # noqa: E402
+from trl_compare import ROOT, add_bench_args, ensure_workload, run_one, uptime  # noqa: E402
 
 OFF = {
     "no sdpa_gqa": ["--attn_implementation", "sdpa"],
@@ -38,9 +38,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--bench-dir", default=str(ROOT / ".trlbench"))
-    ap.add_argument("--baseline-dir", default=str(ROOT.parent / "shared" / "bench" / "trl_baseline"))
-    ap.add_argument("--timeout", type=int, default=900)
+    add_bench_args(ap)
     args = ap.parse_args(argv)
     bench = Path(args.bench_dir).resolve()
     workload = bench / "workload"

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trl_compare import ROOT, ensure_trl, ensure_workload, run_one, uptime  # noqa: E402
+from trl_compare import ROOT, add_bench_args, ensure_trl, ensure_workload, run_one, uptime  # noqa: E402
 
 MODEL_10M = ["--hidden", "256", "--layers", "10", "--heads", "4", "--kv_heads", "2"]
 
@@ -43,9 +43,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rollout", default="hf", choices=["hf", "vllm"])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--bench-dir", default=str(ROOT / ".trlbench"))
-    ap.add_argument("--baseline-dir", default=str(ROOT.parent / "shared" / "bench" / "trl_baseline"))
-    ap.add_argument("--timeout", type=int, default=900)
+    add_bench_args(ap)
     args = ap.parse_args(argv)
     bench = Path(args.bench_dir).resolve()
     baseline = Path(args.baseline_dir).resolve()

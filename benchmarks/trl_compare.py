@@ -61,13 +61,10 @@ def parse_args(argv=None):
     ap.add_argument("--variants", nargs="+", default=["grpo-hf", "grpo-vllm", "relift-hf"],
                     choices=sorted(VARIANTS))
     ap.add_argument("--no-trl", action="store_true", help="relift-pl variants only")
-    ap.add_argument("--bench-dir", default=str(ROOT / ".trlbench"))
-    ap.add_argument("--baseline-dir", default=os.environ.get(
-        "TRL_BASELINE_DIR", str(ROOT.parent / "shared" / "bench" / "trl_baseline")))
+    add_bench_args(ap)
     ap.add_argument("--workload", default=None, help="default: <bench-dir>/workload")
     ap.add_argument("--workload-args", nargs="*", default=[],
                     help="make_workload.py options for a non-default workload (e.g. --hidden 256)")
-    ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
     ap.add_argument("--out", default=None, help="default: <bench-dir>/runs/<timestamp>")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                     help="flags for both runners (e.g. --G 4 --threads 1); must come last")
@@ -97,6 +94,14 @@ def ensure_workload(python: Path, baseline: Path, workload: Path, extra: list[st
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([str(python), str(baseline / "make_workload.py"), "--out", str(workload), *extra],
                    check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def add_bench_args(ap: argparse.ArgumentParser) -> None:
+    """The options every benchmark script shares: where outputs, the baseline and time limits are."""
+    ap.add_argument("--bench-dir", default=str(ROOT / ".trlbench"))
+    ap.add_argument("--baseline-dir", default=os.environ.get(
+        "TRL_BASELINE_DIR", str(ROOT.parent / "shared" / "bench" / "trl_baseline")))
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
 
 
 def run_one(name: str, cmd: list[str], out_dir: Path, log, timeout: int) -> dict | None:
