@@ -43,6 +43,8 @@ METHODS: dict[str, list[str]] = {
     "sft_then_rl": ["algorithm=sft_then_rl", "algorithm.sft_warmup_steps={half}", SFT_ONLY_LR],
     "rl_with_sft_loss": ["algorithm=rl_with_sft_loss"],
     "relift": ["algorithm=relift", RELIFT_LR],
+    # Chosen after the first study on validation (toy_tuning.md): M=4, more and smaller SFT steps.
+    "relift_m4": ["algorithm=relift", "algorithm.buffer_threshold=4", "algorithm.sft_optimizer.lr=5e-4"],
     "relift_every_step": ["algorithm=relift_every_step", RELIFT_LR],
     # Every 3 steps: about as many SFT steps as ReLIFT takes (45 in 150 steps on validation).
     "relift_uniform": ["algorithm=relift_uniform", "algorithm.sft_interval=3", RELIFT_LR],
