@@ -116,6 +116,17 @@ def accuracy(eval_at_step: dict) -> dict[str, float]:
     return acc | {"avg": statistics.fmean(acc[s] for s in LEVELS)}
 
 
+def per_question(eval_at_step: dict, field: str = "correct") -> dict[str, float]:
+    """Question id -> value (share correct, or mean response tokens) over every level's set."""
+    return {q: v for s in LEVELS for q, v in eval_at_step[s][field].items()}
+
+
+def level_of(runs: dict[str, list[dict]]) -> dict[str, str]:
+    """Question id -> its level (the sets are the same in every run)."""
+    evals = next(iter(runs.values()))[0]["evals"][0]
+    return {q: s for s in LEVELS for q in evals[s]["correct"]}
+
+
 def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     mean = statistics.fmean(values) * scale
     std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
@@ -127,14 +138,13 @@ def table(runs: dict[str, list[dict]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     any_run = next(iter(runs.values()))[0]
     base = accuracy(any_run["evals"][0])
-    base_tokens = statistics.fmean(t for s in LEVELS for t in any_run["evals"][0][s]["tokens"].values())
+    base_tokens = statistics.fmean(per_question(any_run["evals"][0], "tokens").values())
     lines.append("| base (step 0) | " + " | ".join(f"{base[s] * 100:.1f}" for s in [*LEVELS, "avg"])
                  + f" | 0 | {base_tokens:.1f} | 0 / 0 |")
     for method, seeds in runs.items():
         finals = [accuracy(r["evals"][max(r["evals"])]) for r in seeds]
         used = [r["summary"]["demos_used"] / r["summary"]["demos_available"] for r in seeds]
-        tokens = [statistics.fmean(t for s in LEVELS for t in r["evals"][max(r["evals"])][s]["tokens"].values())
-                  for r in seeds]
+        tokens = [statistics.fmean(per_question(r["evals"][max(r["evals"])], "tokens").values()) for r in seeds]
         steps = seeds[0]["summary"]
         cells = [mean_std([f[s] for f in finals]) for s in [*LEVELS, "avg"]]
         cells += [mean_std(used), mean_std(tokens, scale=1.0), f"{steps['rl_steps']} / "
@@ -150,13 +160,11 @@ def capability(runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, list[s
     SFT (SFT-only or ReLIFT solves it, GRPO does not); never; and "lost by ReLIFT" (the base
     solved it, ReLIFT's final policy does not)."""
     def final(method: str) -> dict[str, float]:
-        per_seed = [{k: v for s in LEVELS for k, v in r["evals"][max(r["evals"])][s]["correct"].items()}
-                    for r in runs[method]]
+        per_seed = [per_question(r["evals"][max(r["evals"])]) for r in runs[method]]
         return {k: statistics.fmean(d[k] for d in per_seed) for k in per_seed[0]}
 
-    any_run = next(iter(runs.values()))[0]
-    base = {k: v for s in LEVELS for k, v in any_run["evals"][0][s]["correct"].items()}
-    level_of = {k: s for s in LEVELS for k in any_run["evals"][0][s]["correct"]}
+    base = per_question(next(iter(runs.values()))[0]["evals"][0])
+    levels = level_of(runs)
     finals = {"base": base} | {m: final(m) for m in ("grpo", "sft", "sft_then_rl", "relift") if m in runs}
 
     def solves(method: str, q: str) -> bool:
@@ -173,7 +181,7 @@ def capability(runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, list[s
             cat = "learned only with SFT"
         else:
             cat = "never"
-        categories[level_of[q]].append(cat)
+        categories[levels[q]].append(cat)
         order.append(q)
     return order, categories, finals
 
@@ -219,11 +227,11 @@ def plot_capability(runs: dict[str, list[dict]], path: Path) -> dict[str, dict[s
     from matplotlib.patches import Patch
 
     order, categories, finals = capability(runs)
-    level_of = {q: s for s in LEVELS for q in next(iter(runs.values()))[0]["evals"][0][s]["correct"]}
+    levels = level_of(runs)
     counts = {s: {c: categories[s].count(c) for c in CATEGORY_COLORS} for s in LEVELS}
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [3, 2]})
     # Left: every test question (columns, grouped by level) x policy (rows): share of k correct.
-    columns = sorted(order, key=lambda q: (LEVELS.index(level_of[q]), -finals["base"][q],
+    columns = sorted(order, key=lambda q: (LEVELS.index(levels[q]), -finals["base"][q],
                                            -finals.get("relift", {}).get(q, 0)))
     names = list(finals)
     grid = [[finals[n].get(q, 0.0) for q in columns] for n in names]
@@ -232,7 +240,7 @@ def plot_capability(runs: dict[str, list[dict]], path: Path) -> dict[str, dict[s
     left.set_yticks(range(len(names)), [f"{n} (final)" if n != "base" else "base" for n in names])
     bounds = [0]
     for s in LEVELS:
-        bounds.append(bounds[-1] + sum(level_of[q] == s for q in columns))
+        bounds.append(bounds[-1] + sum(levels[q] == s for q in columns))
     left.set_xticks([(a + b) / 2 for a, b in zip(bounds, bounds[1:])], LEVELS)
     for b in bounds[1:-1]:
         left.axvline(b - 0.5, color="white", lw=2)

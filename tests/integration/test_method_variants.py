@@ -60,8 +60,7 @@ def test_every_step_schedule_fine_tunes_after_each_rl_step_without_waiting_for_m
 
 
 def test_uniform_schedule_fine_tunes_every_k_steps_whatever_the_hardness(tmp_path):
-    # Level 1 is solved by the quick base often enough that few groups are hardest; the uniform
-    # schedule takes every prompt regardless and steps only on steps 2 and 4.
+    # The uniform schedule buffers every prompt, hard or not, and steps only on steps 2 and 4.
     _, steps = _run(
         tmp_path, "algorithm=relift_uniform", "algorithm.sft_interval=2", "data.train_rows.levels=[1]"
     )
