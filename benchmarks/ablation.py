@@ -9,7 +9,9 @@ Configurations (all on the TRL baseline workload, B=8 x G=8, 64 tokens, see run_
 - ``no sdpa_gqa``: ``model.attn_implementation=sdpa`` (transformers' SDPA, KV heads copied);
 - ``no shared log-prob pass``: ``algorithm.share_prompt_prefix=false``;
 - ``no shared prefill``: ``rollout.engine.share_prompt_prefill=false``;
-- ``all off``: the three together (the pre-optimization step, up to the fused log-prob/entropy
+- ``generate``: ``rollout.engine.decode=generate`` (Hugging Face ``generate`` instead of the
+  sampling loop over a preallocated KV cache);
+- ``all off``: the four together (the pre-optimization step, up to the fused log-prob/entropy
   pass and batched decode, which have no switch and cost little at this vocabulary size).
 Prints median s/step and the rollout / forward / backward split per configuration, and writes
 ``.trlbench/ablation/<timestamp>/summary.md``.
@@ -31,6 +33,7 @@ OFF = {
     "no sdpa_gqa": ["--attn_implementation", "sdpa"],
     "no shared log-prob pass": ["--overrides", "algorithm.share_prompt_prefix=false"],
     "no shared prefill": ["--overrides", "rollout.engine.share_prompt_prefill=false"],
+    "generate": ["--overrides", "rollout.engine.decode=generate"],
 }
 
 
@@ -48,7 +51,7 @@ def main(argv=None) -> None:
     base = [sys.executable, str(ROOT / "benchmarks" / "run_relift.py"), "--workload", str(workload),
             "--threads", str(args.threads)]
     all_off = ["--attn_implementation", "sdpa", "--overrides", "algorithm.share_prompt_prefix=false",
-               "rollout.engine.share_prompt_prefill=false"]
+               "rollout.engine.share_prompt_prefill=false", "rollout.engine.decode=generate"]
     configs = {"all on": [], **OFF, "all off": all_off}
     results: dict[str, list] = {name: [] for name in configs}
     print(f"{len(configs)} configurations x {args.repeats} rounds, {args.threads} thread(s) -> {out}")

@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="model.attn_implementation (default: sdpa_gqa on sdpa models)")
     ap.add_argument(
         "--overrides", nargs="*", default=[],
-        help="extra Hydra overrides of the algorithm group (e.g. algorithm.pg_loss.entropy_coef=0.001)",
+        help="extra Hydra overrides (e.g. algorithm.pg_loss.entropy_coef=0.001 rollout.engine.decode=generate)",
     )
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of one step here")
     return ap.parse_args(argv)

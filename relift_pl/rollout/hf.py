@@ -1,26 +1,40 @@
-"""Rollouts with Hugging Face ``generate`` on the policy itself (no weight sync needed)."""
+"""Rollouts from the policy itself (no weight sync needed): our sampling loop or Hugging Face ``generate``."""
 
 from __future__ import annotations
 
 import torch
 
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, cut_at_eos, left_pad
+from relift_pl.rollout.decode import sample_responses
+
+DECODERS = ("loop", "generate")
 
 
 class HFRolloutEngine(RolloutEngine):
-    """Samples from the training policy with one batched ``generate`` call per rollout.
+    """Samples from the training policy, all prompts x n samples in one batch.
 
     Args:
-        synced_gpus: pass ``synced_gpus=True`` to ``generate`` so sharded (FSDP2) ranks that stop
-            at different lengths keep taking part in each other's forward passes. ``None`` turns
-            it on whenever a process group with more than one rank exists.
+        decode: ``"loop"`` (default): :func:`relift_pl.rollout.decode.sample_responses`, a
+            sampling loop over a preallocated KV cache, the same samples as ``generate`` for the
+            same seed at a lower cost per token; ``"generate"``: Hugging Face ``generate``.
+        synced_gpus: sharded (FSDP2) ranks that stop at different lengths keep taking part in
+            each other's forward passes until all are done (``generate``'s ``synced_gpus``).
+            ``None`` turns it on whenever a process group with more than one rank exists.
         share_prompt_prefill: with ``n > 1``, run each prompt (but its last token) once and copy
             its KV cache to its n samples, instead of ``generate`` prefilling every copy: the
             same samples for the same seed (tested), a prefill n times cheaper. Off when
-            ``synced_gpus`` is on.
+            ``synced_gpus`` is on with ``decode="generate"``.
     """
 
-    def __init__(self, synced_gpus: bool | None = None, share_prompt_prefill: bool = True) -> None:
+    def __init__(
+        self,
+        synced_gpus: bool | None = None,
+        share_prompt_prefill: bool = True,
+        decode: str = "loop",
+    ) -> None:
+        if decode not in DECODERS:
+            raise ValueError(f"rollout.engine.decode must be one of {DECODERS}, got {decode!r}")
+        self.decode = decode
         self.synced_gpus = synced_gpus
         self.share_prompt_prefill = share_prompt_prefill
         self.policy: torch.nn.Module | None = None
@@ -46,37 +60,21 @@ class HFRolloutEngine(RolloutEngine):
         synced = self.synced_gpus
         if synced is None:
             synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        greedy = sampling.temperature == 0
         was_training = self.policy.training
         self.policy.eval()
         try:
             ids, mask = ids.to(device), mask.to(device)
-            cache = None
-            if self.share_prompt_prefill and not synced and sampling.n > 1:
-                cache = self._shared_prefill(ids, mask, sampling.n)
-            extra = {} if cache is None else {"past_key_values": cache}
-            repeats = 1 if cache is None else sampling.n  # rows already expanded to the samples
-            out = self.policy.generate(
-                input_ids=ids.repeat_interleave(repeats, dim=0),
-                attention_mask=mask.repeat_interleave(repeats, dim=0),
-                do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p,
-                top_k=None if greedy or sampling.top_k == 0 else sampling.top_k,
-                num_return_sequences=sampling.n // repeats,
-                max_new_tokens=sampling.max_new_tokens,
-                min_new_tokens=sampling.min_new_tokens or None,
-                eos_token_id=self._eos_ids(),
-                pad_token_id=pad_id,
-                synced_gpus=synced,
-                use_cache=True,
-                **extra,
-            )
+            if self.decode == "loop":
+                response = sample_responses(
+                    self.policy, ids, mask, sampling, self._eos_ids(), pad_id,
+                    share_prompt_prefill=self.share_prompt_prefill, synced=synced,
+                )  # fmt: skip
+            else:
+                response = self._generate(ids, mask, sampling, synced)
         finally:
             self.policy.train(was_training)
-        response = out[:, ids.shape[1] :].cpu()  # [N, R]
         ids, mask = ids.cpu(), mask.cpu()
-        response, response_mask, reasons = cut_at_eos(response, self._eos_ids(), pad_id)
+        response, response_mask, reasons = cut_at_eos(response.cpu(), self._eos_ids(), pad_id)
         return RolloutBatch(
             prompt_ids=ids.repeat_interleave(sampling.n, dim=0),
             prompt_mask=mask.repeat_interleave(sampling.n, dim=0),
@@ -84,6 +82,34 @@ class HFRolloutEngine(RolloutEngine):
             response_mask=response_mask,
             finish_reasons=reasons,
         )
+
+    def _generate(
+        self, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams, synced: bool
+    ):
+        """[N, T] raw response ids from Hugging Face ``generate``."""
+        greedy = sampling.temperature == 0
+        cache = None
+        if self.share_prompt_prefill and not synced and sampling.n > 1:
+            cache = self._shared_prefill(ids, mask, sampling.n)
+        extra = {} if cache is None else {"past_key_values": cache}
+        repeats = 1 if cache is None else sampling.n  # rows already expanded to the samples
+        out = self.policy.generate(
+            input_ids=ids.repeat_interleave(repeats, dim=0),
+            attention_mask=mask.repeat_interleave(repeats, dim=0),
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy or sampling.top_k == 0 else sampling.top_k,
+            num_return_sequences=sampling.n // repeats,
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.min_new_tokens or None,
+            eos_token_id=self._eos_ids(),
+            pad_token_id=self.tokenizer.pad_token_id,
+            synced_gpus=synced,
+            use_cache=True,
+            **extra,
+        )
+        return out[:, ids.shape[1] :]
 
     def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int):
         """The KV cache of every prompt but its last token, computed once and repeated n times

@@ -1,5 +1,5 @@
-"""The performance paths (shared prompt prefill and log-prob passes, metrics-only entropy) leave
-a whole training step unchanged: same samples, same update."""
+"""The performance paths (the sampling loop, shared prompt prefill and log-prob passes,
+metrics-only entropy) leave a whole training step unchanged: same samples, same update."""
 
 from __future__ import annotations
 
@@ -26,7 +26,11 @@ RUN = [
     "algorithm.rl_grad_clip=1000",
     "algorithm.sft_grad_clip=1000",
 ]
-PLAIN = ["algorithm.share_prompt_prefix=false", "rollout.engine.share_prompt_prefill=false"]
+PLAIN = [
+    "algorithm.share_prompt_prefix=false",
+    "rollout.engine.share_prompt_prefill=false",
+    "rollout.engine.decode=generate",
+]
 
 
 def test_fast_paths_give_the_same_samples_and_update(tmp_path):

@@ -4,7 +4,8 @@
 - entropy without autograd (metrics only): same values, nothing kept for backward.
 - `policy_logprobs(share_prompts=True)`: each prompt once, responses against its KV cache ==
   the one-pass forward, values and gradients.
-- `HFRolloutEngine(share_prompt_prefill=True)`: the same samples for the same seed.
+- `HFRolloutEngine(share_prompt_prefill=True, decode="generate")`: the same samples for the same
+  seed (the sampling loop's own tests: test_decode_loop.py).
 - `ReLIFTModule.decode_responses` (batched decode) == the per-token filter it replaced.
 """
 
@@ -183,7 +184,7 @@ def test_shared_prefill_gives_the_same_samples(tiny_qwen2, min_new_tokens):
     sampling = SamplingParams(n=4, temperature=1.0, max_new_tokens=6, min_new_tokens=min_new_tokens)
     batches = []
     for share in (False, True):
-        engine = HFRolloutEngine(share_prompt_prefill=share)
+        engine = HFRolloutEngine(share_prompt_prefill=share, decode="generate")
         engine.bind(tiny_qwen2, tokenizer)
         caches: list = []
 

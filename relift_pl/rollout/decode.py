@@ -1,0 +1,194 @@
+"""Sampling from a Hugging Face causal LM with a loop over a preallocated KV cache.
+
+What ``generate`` does for plain sampling (temperature, top-k, top-p, a minimum length), written
+out because ``generate`` costs more per token than the model does on small models (measured on
+the benchmark workload, docs/performance.md):
+
+- its ``DynamicCache`` grows by ``torch.cat``, copying every layer's whole cache at every token;
+  ``StaticCache`` avoids the copy but attends over all its slots, written or not.
+  :class:`PreallocatedLayer` writes into a buffer sized for the whole response and hands
+  attention a view of the written part: no copy, the same attention inputs.
+- its per-token machinery (input preparation, kwargs updates, processor and stopping-criteria
+  lists) is generic.
+
+It also samples exactly softmax(logits / T) restricted by top-k / top-p, the distribution the
+trainer's log-probs assume, whereas ``generate`` would also apply any extra processors a model's
+``generation_config`` asks for (a repetition penalty, say). The warpers are transformers' own
+classes in ``generate``'s order, and tokens are drawn with the same ``softmax`` +
+``torch.multinomial``, so for the same seed the samples equal ``generate``'s (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from relift_pl.rollout.base import SamplingParams
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A cache layer that writes keys and values into buffers of ``capacity`` positions and
+    returns views of the filled part (a ``DynamicLayer`` to every reader: the same shapes)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads = key_states.shape[:2]
+        self._key_buffer = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
+        self._value_buffer = value_states.new_empty(
+            batch, heads, self.capacity, value_states.shape[-1]
+        )
+        self.length = 0
+        self.is_initialized = True
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} positions > capacity {self.capacity}")
+        self._key_buffer[:, :, self.length : end] = key_states
+        self._value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys = self._key_buffer[:, :, :end]
+        self.values = self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Copies each row to ``repeats`` adjacent rows (a prompt's cache to its samples)."""
+        if self.get_seq_length() > 0:
+            keys, values = (
+                self.keys.repeat_interleave(repeats, 0),
+                self.values.repeat_interleave(repeats, 0),
+            )
+            self.is_initialized = False
+            self.update(keys, values)
+
+
+def preallocated_cache(num_layers: int, capacity: int) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = [PreallocatedLayer(capacity) for _ in range(num_layers)]
+    return cache
+
+
+def logits_warpers(sampling: SamplingParams) -> LogitsProcessorList:
+    """``generate``'s warpers for these settings, in its order (temperature, top-k, top-p)."""
+    warpers = LogitsProcessorList()
+    if sampling.temperature not in (0.0, 1.0):
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.temperature > 0 and sampling.top_k:
+        warpers.append(TopKLogitsWarper(top_k=sampling.top_k))
+    if sampling.temperature > 0 and sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=sampling.top_p))
+    return warpers
+
+
+def _num_layers(model: torch.nn.Module) -> int:
+    return model.config.get_text_config(decoder=True).num_hidden_layers
+
+
+@torch.no_grad()
+def sample_responses(
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    sampling: SamplingParams,
+    eos_ids: list[int],
+    pad_id: int,
+    *,
+    share_prompt_prefill: bool = True,
+    synced: bool = False,
+) -> Tensor:
+    """``sampling.n`` responses per prompt, prompt-major.
+
+    Args:
+        model: a Hugging Face causal LM (in eval mode; the caller switches it).
+        prompt_ids: [B, P] left-padded prompts (P >= 1), on the model's device.
+        prompt_mask: [B, P] 1 on real prompt tokens.
+        sampling: how to sample (temperature 0: greedy).
+        eos_ids: tokens that end a response; masked until ``sampling.min_new_tokens``.
+        pad_id: written after a response's EOS.
+        share_prompt_prefill: run each prompt (but its last token) once and copy its cache to its
+            n samples, instead of prefilling every copy.
+        synced: keep stepping until every rank's responses are done (ranks of a sharded model
+            must run the same number of forward passes); needs an initialised process group.
+
+    Returns:
+        [B * n, T] raw token ids, T <= max_new_tokens, ``pad_id`` after each row's first EOS.
+    """
+    n, max_new = sampling.n, sampling.max_new_tokens
+    if not share_prompt_prefill:
+        prompt_ids, prompt_mask = (
+            prompt_ids.repeat_interleave(n, 0),
+            prompt_mask.repeat_interleave(n, 0),
+        )
+    rows, prompt_len = prompt_ids.shape
+    device = prompt_ids.device
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = preallocated_cache(_num_layers(model), prompt_len + max_new)
+    # One mask buffer for the whole response, sliced per step (generate concatenates a column).
+    mask = torch.ones(rows, prompt_len + max_new, dtype=prompt_mask.dtype, device=device)
+    mask[:, :prompt_len] = prompt_mask
+    if prompt_len > 1:  # the prompt but its last token, which the first decode step runs
+        model(
+            input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
+            position_ids=positions[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+    if share_prompt_prefill and n > 1:
+        for layer in cache.layers:
+            layer.batch_repeat_interleave(n)
+        mask = mask.repeat_interleave(n, 0)
+        prompt_ids, positions = (
+            prompt_ids.repeat_interleave(n, 0),
+            positions.repeat_interleave(n, 0),
+        )
+
+    tokens, position = prompt_ids[:, -1:], positions[:, -1:]
+    warpers = logits_warpers(sampling)
+    eos = torch.tensor(eos_ids, device=device)
+    unfinished = torch.ones(tokens.shape[0], dtype=torch.bool, device=device)
+    out = []
+    for step in range(max_new):
+        logits = model(
+            input_ids=tokens, attention_mask=mask[:, : prompt_len + step], position_ids=position,
+            past_key_values=cache, use_cache=True,
+        ).logits[:, -1].float()  # fmt: skip
+        if step < sampling.min_new_tokens:
+            logits[:, eos] = float("-inf")
+        if sampling.temperature == 0:
+            next_tokens = logits.argmax(-1)
+        else:
+            scores = warpers(None, logits)
+            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
+        out.append(next_tokens)
+        unfinished &= ~torch.isin(next_tokens, eos)
+        if not _any_unfinished(unfinished, synced):
+            break
+        tokens, position = next_tokens[:, None], position + 1
+    return torch.stack(out, dim=1)
+
+
+def _any_unfinished(unfinished: Tensor, synced: bool) -> bool:
+    if not synced:
+        return bool(unfinished.any())
+    flag = unfinished.any().to(torch.int32)  # 1 while this rank still samples
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag)
