@@ -100,6 +100,20 @@ def logits_warpers(sampling: SamplingParams) -> LogitsProcessorList:
     return warpers
 
 
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """True for decoder-only attention models (every layer keeps keys and values); models with
+    other layer kinds (linear attention, state-space layers) need ``generate``'s own caches."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    text = config.get_text_config(decoder=True)
+    layer_types = getattr(text, "layer_types", None) or ["full_attention"]
+    return hasattr(text, "num_hidden_layers") and set(layer_types) <= ATTENTION_LAYER_TYPES
+
+
 def _num_layers(model: torch.nn.Module) -> int:
     return model.config.get_text_config(decoder=True).num_hidden_layers
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, cut_at_eos, left_pad
-from relift_pl.rollout.decode import sample_responses
+from relift_pl.rollout.decode import sample_responses, supports
 
 DECODERS = ("loop", "generate")
 
@@ -16,7 +16,8 @@ class HFRolloutEngine(RolloutEngine):
     Args:
         decode: ``"loop"`` (default): :func:`relift_pl.rollout.decode.sample_responses`, a
             sampling loop over a preallocated KV cache, the same samples as ``generate`` for the
-            same seed at a lower cost per token; ``"generate"``: Hugging Face ``generate``.
+            same seed at a lower cost per token (models with non-attention layers fall back to
+            ``generate``); ``"generate"``: Hugging Face ``generate``.
         synced_gpus: sharded (FSDP2) ranks that stop at different lengths keep taking part in
             each other's forward passes until all are done (``generate``'s ``synced_gpus``).
             ``None`` turns it on whenever a process group with more than one rank exists.
@@ -64,7 +65,7 @@ class HFRolloutEngine(RolloutEngine):
         self.policy.eval()
         try:
             ids, mask = ids.to(device), mask.to(device)
-            if self.decode == "loop":
+            if self.decode == "loop" and supports(self.policy):
                 response = sample_responses(
                     self.policy, ids, mask, sampling, self._eos_ids(), pad_id,
                     share_prompt_prefill=self.share_prompt_prefill, synced=synced,

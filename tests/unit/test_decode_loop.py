@@ -143,3 +143,13 @@ def test_preallocated_layer_returns_what_dynamic_layer_returns():
 def test_unknown_decode_is_a_config_error():
     with pytest.raises(ValueError, match="rollout.engine.decode"):
         HFRolloutEngine(decode="fast")
+
+
+def test_models_with_non_attention_layers_fall_back_to_generate(policy):
+    from relift_pl.rollout.decode import supports
+
+    assert supports(policy)
+    hybrid = SimpleNamespace(config=Qwen2Config(num_hidden_layers=2))
+    hybrid.config.layer_types = ["full_attention", "linear_attention"]
+    assert not supports(hybrid)
+    assert not supports(torch.nn.Linear(2, 2))  # not a transformers model
