@@ -9,7 +9,7 @@ torch thread each (vLLM pins the process to one thread anyway). Repeats alternat
 engines so that load from other processes hits both alike. Two settings are timed:
 - natural: responses end at EOS or ``--max-new-tokens``, as in training;
 - fixed: ``min_new_tokens = max_new_tokens``, so both engines generate exactly the same number of
-  tokens (HF ``generate`` pads finished rows, which the natural setting charges to it).
+  tokens (the HF engine pads finished rows, which the natural setting charges to it).
 Tokens counted are response tokens (EOS included). Prints tokens/s per engine (median, min-max
 over repeats), the ratio of medians, and the load average (the machines are shared: compare
 ratios, not absolute figures). ``--width/--layers`` swap the toy base for a random-init Qwen2 of

@@ -153,3 +153,20 @@ def test_models_with_non_attention_layers_fall_back_to_generate(policy):
     hybrid.config.layer_types = ["full_attention", "linear_attention"]
     assert not supports(hybrid)
     assert not supports(torch.nn.Linear(2, 2))  # not a transformers model
+
+
+@pytest.mark.parametrize("every", [3, 8])
+def test_checking_for_the_end_every_few_tokens_gives_the_same_responses(policy, every):
+    """GPUs check every 8 tokens (a host read stalls the kernel queue); the extra tokens are
+    sampled after every row ended and dropped, so the result equals checking every token."""
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    mask = (ids != 0).long()
+    runs = []
+    for sampling in (SETTINGS["all_stop"], SETTINGS["plain"]):
+        for stop_check_every in (1, every):
+            torch.manual_seed(6)
+            runs.append(sample_responses(policy.eval(), ids, mask, sampling, [PAD], PAD,
+                                         stop_check_every=stop_check_every))
+    policy.train()
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[2], runs[3])
+    assert runs[0].shape[1] < SETTINGS["all_stop"].max_new_tokens  # ended early: columns dropped
