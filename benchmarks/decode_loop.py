@@ -50,7 +50,8 @@ def main(argv=None) -> None:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(workload)  # the workload's rule
     policy = load_policy(str(workload))
     policy.generation_config.eos_token_id = tokenizer.eos_token_id
-    rows = [json.loads(line) for line in open(workload / "prompts.jsonl")][: args.B]
+    with open(workload / "prompts.jsonl") as lines:
+        rows = [json.loads(line) for line in lines][: args.B]
     prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
     sampling = SamplingParams(n=args.G, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     engines = {name: HFRolloutEngine(decode=name) for name in ("loop", "generate")}
