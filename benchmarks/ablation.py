@@ -10,7 +10,7 @@ Configurations (all on the TRL baseline workload, B=8 x G=8, 64 tokens, see run_
 - ``no shared log-prob pass``: ``algorithm.share_prompt_prefix=false``;
 - ``no shared prefill``: ``rollout.engine.share_prompt_prefill=false``;
 - ``generate``: ``rollout.engine.decode=generate`` (Hugging Face ``generate`` instead of the
-  sampling loop over a preallocated KV cache);
+  sampling loop over a KV cache written in place);
 - ``all off``: the four together (the pre-optimization step, up to the fused log-prob/entropy
   pass and batched decode, which have no switch and cost little at this vocabulary size).
 Prints median s/step and the rollout / forward / backward split per configuration, and writes

@@ -1,13 +1,14 @@
-"""Sampling from a Hugging Face causal LM with a loop over a preallocated KV cache.
+"""Sampling from a Hugging Face causal LM with a loop over a KV cache written in place.
 
 What ``generate`` does for plain sampling (temperature, top-k, top-p, a minimum length), written
 out because ``generate`` costs more per token than the model does on small models (measured on
 the benchmark workload, docs/performance.md):
 
 - its ``DynamicCache`` grows by ``torch.cat``, copying every layer's whole cache at every token;
-  ``StaticCache`` avoids the copy but attends over all its slots, written or not.
-  :class:`PreallocatedLayer` writes into a buffer sized for the whole response and hands
-  attention a view of the written part: no copy, the same attention inputs.
+  ``StaticCache`` avoids the copy but attends over all its slots, written or not, and holds
+  memory for ``max_new_tokens`` from the start. :class:`InPlaceLayer` writes into a buffer that
+  doubles when full and hands attention a view of the written part: no per-token copy, the
+  same attention inputs.
 - its per-token machinery (input preparation, kwargs updates, processor and stopping-criteria
   lists) is generic.
 
@@ -34,33 +35,47 @@ from transformers.generation.logits_process import (
 from relift_pl.rollout.base import SamplingParams
 
 
-class PreallocatedLayer(DynamicLayer):
-    """A cache layer that writes keys and values into buffers of ``capacity`` positions and
-    returns views of the filled part (a ``DynamicLayer`` to every reader: the same shapes)."""
+class InPlaceLayer(DynamicLayer):
+    """A cache layer that writes keys and values in place into buffers, handing attention views
+    of the filled part (a ``DynamicLayer`` to every reader: the same shapes and values).
 
-    def __init__(self, capacity: int) -> None:
+    A full buffer doubles (up to ``max_length`` positions), so each position is copied O(1)
+    times on average, where ``DynamicLayer``'s ``torch.cat`` copies the whole cache at every
+    token; memory follows the longest response so far, not ``max_new_tokens``.
+    """
+
+    def __init__(self, max_length: int, initial_capacity: int = 512) -> None:
         super().__init__()
-        self.capacity = capacity
+        self.max_length = max_length
+        self.initial_capacity = initial_capacity
         self.length = 0
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        batch, heads = key_states.shape[:2]
-        self._key_buffer = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
-        self._value_buffer = value_states.new_empty(
-            batch, heads, self.capacity, value_states.shape[-1]
-        )
+        self._key_buffer = self._value_buffer = None
         self.length = 0
         self.is_initialized = True
 
-    def update(
-        self, key_states: Tensor, value_states: Tensor, *args, **kwargs
-    ) -> tuple[Tensor, Tensor]:
+    def _reserve(self, needed: int, key_states: Tensor, value_states: Tensor) -> None:
+        capacity = 0 if self._key_buffer is None else self._key_buffer.shape[2]
+        if needed <= capacity:
+            return
+        if needed > self.max_length:
+            raise RuntimeError(f"KV cache overflow: {needed} positions > max_length {self.max_length}")
+        capacity = min(self.max_length, max(needed, self.initial_capacity, 2 * capacity))
+        batch, heads = key_states.shape[:2]
+        keys = key_states.new_empty(batch, heads, capacity, key_states.shape[-1])
+        values = value_states.new_empty(batch, heads, capacity, value_states.shape[-1])
+        if self.length:
+            keys[:, :, : self.length] = self.keys
+            values[:, :, : self.length] = self.values
+        self._key_buffer, self._value_buffer = keys, values
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {end} positions > capacity {self.capacity}")
+        self._reserve(end, key_states, value_states)
         self._key_buffer[:, :, self.length : end] = key_states
         self._value_buffer[:, :, self.length : end] = value_states
         self.length = end
@@ -82,9 +97,9 @@ class PreallocatedLayer(DynamicLayer):
             self.update(keys, values)
 
 
-def preallocated_cache(num_layers: int, capacity: int) -> DynamicCache:
+def in_place_cache(num_layers: int, max_length: int) -> DynamicCache:
     cache = DynamicCache()
-    cache.layers = [PreallocatedLayer(capacity) for _ in range(num_layers)]
+    cache.layers = [InPlaceLayer(max_length) for _ in range(num_layers)]
     return cache
 
 
@@ -161,7 +176,7 @@ def sample_responses(
     rows, prompt_len = prompt_ids.shape
     device = prompt_ids.device
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = preallocated_cache(_num_layers(model), prompt_len + max_new)
+    cache = in_place_cache(_num_layers(model), prompt_len + max_new)
     # One mask buffer for the whole response, sliced per step (generate concatenates a column).
     mask = torch.ones(rows, prompt_len + max_new, dtype=prompt_mask.dtype, device=device)
     mask[:, :prompt_len] = prompt_mask

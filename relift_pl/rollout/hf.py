@@ -15,7 +15,7 @@ class HFRolloutEngine(RolloutEngine):
 
     Args:
         decode: ``"loop"`` (default): :func:`relift_pl.rollout.decode.sample_responses`, a
-            sampling loop over a preallocated KV cache, the same samples as ``generate`` for the
+            sampling loop over a KV cache written in place, the same samples as ``generate`` for the
             same seed at a lower cost per token (models with non-attention layers fall back to
             ``generate``); ``"generate"``: Hugging Face ``generate``.
         synced_gpus: sharded (FSDP2) ranks that stop at different lengths keep taking part in

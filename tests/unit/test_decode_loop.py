@@ -1,7 +1,7 @@
 """The sampling loop (`rollout.engine.decode=loop`) samples what Hugging Face `generate` samples.
 
 Same seed, same model: the same tokens, masks and finish reasons, for every sampling setting the
-engine takes; its preallocated cache layer returns what transformers' DynamicLayer returns.
+engine takes; its in-place cache layer returns what transformers' DynamicLayer returns.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicLayer
 
 from relift_pl.rollout.base import SamplingParams
-from relift_pl.rollout.decode import PreallocatedLayer, sample_responses
+from relift_pl.rollout.decode import InPlaceLayer, sample_responses
 from relift_pl.rollout.hf import HFRolloutEngine
 
 PAD = 0
@@ -122,22 +122,25 @@ def test_synced_loop_matches_unsynced_in_a_process_group(policy, tmp_path):
     assert torch.equal(*runs)
 
 
-def test_preallocated_layer_returns_what_dynamic_layer_returns():
+def test_in_place_layer_returns_what_dynamic_layer_returns_as_it_grows():
     torch.manual_seed(0)
     chunks = [
         (torch.randn(3, 2, length, 4), torch.randn(3, 2, length, 4)) for length in (5, 1, 1, 2)
     ]
-    dynamic, preallocated = DynamicLayer(), PreallocatedLayer(capacity=9)
+    dynamic, in_place = DynamicLayer(), InPlaceLayer(max_length=9, initial_capacity=4)
+    capacities = []
     for keys, values in chunks:
         ref_k, ref_v = dynamic.update(keys, values)
-        got_k, got_v = preallocated.update(keys, values)
+        got_k, got_v = in_place.update(keys, values)
         assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
-        assert preallocated.get_seq_length() == dynamic.get_seq_length()
+        assert in_place.get_seq_length() == dynamic.get_seq_length()
+        capacities.append(in_place._key_buffer.shape[2])
+    assert capacities == [5, 9, 9, 9]  # grown to fit, then doubled (capped at 9), then in place
     dynamic.batch_repeat_interleave(2)
-    preallocated.batch_repeat_interleave(2)
-    assert torch.equal(preallocated.keys, dynamic.keys) and preallocated.get_seq_length() == 9
-    with pytest.raises(RuntimeError, match="capacity 9"):
-        preallocated.update(*chunks[1])
+    in_place.batch_repeat_interleave(2)
+    assert torch.equal(in_place.keys, dynamic.keys) and in_place.get_seq_length() == 9
+    with pytest.raises(RuntimeError, match="max_length 9"):
+        in_place.update(*chunks[1])
 
 
 def test_unknown_decode_is_a_config_error():
