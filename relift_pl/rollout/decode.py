@@ -133,6 +133,23 @@ def _num_layers(model: torch.nn.Module) -> int:
     return model.config.get_text_config(decoder=True).num_hidden_layers
 
 
+def prefill_prompts(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cache, repeats: int = 1):
+    """Runs every left-padded prompt but its last token into ``cache`` once, then repeats each
+    row of the cache ``repeats`` times (prompt-major: a prompt's samples are adjacent); the last
+    prompt token is the first decode step's input. Returns the cache the model filled."""
+    if prompt_ids.shape[1] > 1:
+        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = model(
+            input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
+            position_ids=positions[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        cache = out.past_key_values if out.past_key_values is not None else cache
+    if repeats > 1:
+        for layer in cache.layers:
+            layer.batch_repeat_interleave(repeats)
+    return cache
+
+
 @torch.no_grad()
 def sample_responses(
     model: torch.nn.Module,
@@ -180,14 +197,8 @@ def sample_responses(
     # One mask buffer for the whole response, sliced per step (generate concatenates a column).
     mask = torch.ones(rows, prompt_len + max_new, dtype=prompt_mask.dtype, device=device)
     mask[:, :prompt_len] = prompt_mask
-    if prompt_len > 1:  # the prompt but its last token, which the first decode step runs
-        model(
-            input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
-            position_ids=positions[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1,
-        )  # fmt: skip
+    cache = prefill_prompts(model, prompt_ids, prompt_mask, cache, repeats=n if share_prompt_prefill else 1)
     if share_prompt_prefill and n > 1:
-        for layer in cache.layers:
-            layer.batch_repeat_interleave(n)
         mask = mask.repeat_interleave(n, 0)
         prompt_ids, positions = (
             prompt_ids.repeat_interleave(n, 0),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, cut_at_eos, left_pad
-from relift_pl.rollout.decode import sample_responses, supports
+from relift_pl.rollout.decode import prefill_prompts, sample_responses, supports
 
 DECODERS = ("loop", "generate")
 
@@ -113,21 +113,12 @@ class HFRolloutEngine(RolloutEngine):
         return out[:, ids.shape[1] :]
 
     def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int):
-        """The KV cache of every prompt but its last token, computed once and repeated n times
-        (prompt-major, as ``generate`` orders samples); None if the model did not fill it.
-        ``generate`` then runs the last prompt token of each sample and samples as usual."""
+        """The KV cache of every prompt but its last token, computed once and repeated n times;
+        None if the model did not fill it. ``generate`` then runs the last prompt token of each
+        sample and samples as usual."""
         from transformers import DynamicCache
 
         if ids.shape[1] < 2:
             return None
-        positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = self.policy(
-            input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
-        )  # fmt: skip
-        cache = out.past_key_values if out.past_key_values is not None else cache
-        if cache.get_seq_length() != ids.shape[1] - 1:
-            return None
-        cache.batch_repeat_interleave(n)
-        return cache
+        cache = prefill_prompts(self.policy, ids, mask, DynamicCache(), repeats=n)
+        return cache if cache.get_seq_length() == ids.shape[1] - 1 else None
