@@ -173,3 +173,13 @@ def test_checking_for_the_end_every_few_tokens_gives_the_same_responses(policy, 
     policy.train()
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[2], runs[3])
     assert runs[0].shape[1] < SETTINGS["all_stop"].max_new_tokens  # ended early: columns dropped
+
+
+def test_one_token_prompts_have_nothing_to_prefill(policy):
+    sampling = SamplingParams(n=3, max_new_tokens=12)
+    batches = []
+    for decode in ("generate", "loop"):
+        torch.manual_seed(8)
+        batches.append(_engine(policy, decode).generate([[5], [9]], sampling))
+    assert torch.equal(batches[0].response_ids, batches[1].response_ids)
+    assert batches[1].response_ids.shape[0] == 6
