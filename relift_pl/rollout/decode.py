@@ -197,15 +197,11 @@ def sample_responses(
     # One mask buffer for the whole response, sliced per step (generate concatenates a column).
     mask = torch.ones(rows, prompt_len + max_new, dtype=prompt_mask.dtype, device=device)
     mask[:, :prompt_len] = prompt_mask
-    cache = prefill_prompts(model, prompt_ids, prompt_mask, cache, repeats=n if share_prompt_prefill else 1)
-    if share_prompt_prefill and n > 1:
-        mask = mask.repeat_interleave(n, 0)
-        prompt_ids, positions = (
-            prompt_ids.repeat_interleave(n, 0),
-            positions.repeat_interleave(n, 0),
-        )
-
-    tokens, position = prompt_ids[:, -1:], positions[:, -1:]
+    repeats = n if share_prompt_prefill else 1  # rows are prompts until the prefill is shared
+    cache = prefill_prompts(model, prompt_ids, prompt_mask, cache, repeats=repeats)
+    mask = mask.repeat_interleave(repeats, 0)
+    tokens = prompt_ids[:, -1:].repeat_interleave(repeats, 0)  # the first decode step's input
+    position = positions[:, -1:].repeat_interleave(repeats, 0)
     warpers = logits_warpers(sampling)
     eos = torch.tensor(eos_ids, device=device)
     unfinished = torch.ones(tokens.shape[0], dtype=torch.bool, device=device)
