@@ -95,6 +95,12 @@ def logprobs_and_entropy(
     return logprobs, ent
 
 
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """[N, L] position ids of left-padded rows: each row's first real token is at 0, as in
+    Hugging Face generate (padding positions are clamped to 0 and masked anyway)."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
 def _forward_params(model: nn.Module) -> set[str]:
     try:
         return set(inspect.signature(model.forward).parameters)
@@ -137,7 +143,7 @@ def _shared_prompt_logits(
     if unique.shape[0] == num_rows:
         return None
     unique_ids, unique_mask = unique[:, :prompt_len], unique[:, prompt_len:]
-    unique_positions = (unique_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+    unique_positions = position_ids_from_mask(unique_mask)
     cache = DynamicCache()
     first = model(
         input_ids=unique_ids, attention_mask=unique_mask, position_ids=unique_positions,
@@ -175,9 +181,9 @@ def policy_logprobs(
     """Log-probs (and entropies) of the response tokens under a Hugging Face causal LM.
 
     Sequences are laid out as [left-padded prompt | right-padded response]; the logits at positions
-    P-1 .. P+R-2 predict the response tokens at P .. P+R-1. Position ids are
-    (attention_mask.cumsum(-1) - 1).clamp(min=0), so each sequence's first real token is at
-    position 0 whatever its left padding, as in Hugging Face generate. Values at padding positions of
+    P-1 .. P+R-2 predict the response tokens at P .. P+R-1. Position ids come from
+    `position_ids_from_mask`, so each sequence's first real token is at position 0 whatever its
+    left padding, as in Hugging Face generate. Values at padding positions of
     the response are garbage and must be masked by the caller.
 
     Args:
@@ -206,7 +212,7 @@ def policy_logprobs(
         )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # [N, P + R]
+    position_ids = position_ids_from_mask(attention_mask)  # [N, P + R]
     logits = None
     if share_prompts and _can_share_prompts(model):
         logits = _shared_prompt_logits(

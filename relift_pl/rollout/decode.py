@@ -32,6 +32,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from relift_pl.algorithms.logprobs import position_ids_from_mask
 from relift_pl.rollout.base import SamplingParams
 
 
@@ -138,7 +139,7 @@ def prefill_prompts(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Ten
     row of the cache ``repeats`` times (prompt-major: a prompt's samples are adjacent); the last
     prompt token is the first decode step's input. Returns the cache the model filled."""
     if prompt_ids.shape[1] > 1:
-        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids_from_mask(prompt_mask)
         out = model(
             input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
             position_ids=positions[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1,
@@ -192,7 +193,7 @@ def sample_responses(
         )
     rows, prompt_len = prompt_ids.shape
     device = prompt_ids.device
-    positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids_from_mask(prompt_mask)
     cache = in_place_cache(_num_layers(model), prompt_len + max_new)
     # One mask buffer for the whole response, sliced per step (generate concatenates a column).
     mask = torch.ones(rows, prompt_len + max_new, dtype=prompt_mask.dtype, device=device)
