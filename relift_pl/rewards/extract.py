@@ -1,8 +1,9 @@
 """Pure string helpers that cut the final answer out of a model response.
 
-Everything here is linear in the input length (one ``rfind`` plus one forward scan, or regexes with
-no nested quantifiers), so a hostile million-character completion costs milliseconds, and none of
-it evaluates model output.
+Everything that sees model output is linear in the input length (one ``rfind`` plus one forward
+scan, or regexes with no nested quantifiers), so a hostile million-character completion costs
+milliseconds, and none of it evaluates model output. :func:`normalize_gold` (Python notation)
+reads only the benchmarks' own short golds.
 """
 
 from __future__ import annotations
@@ -74,16 +75,112 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def normalize_answer(answer: str) -> str:
-    """Strips whitespace and surrounding ``$``; rewrites ``4.5e33`` as ``4.5\\times10^{33}``.
+_GREEK = frozenset((
+    "alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta",
+    "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "varpi", "rho", "varrho", "sigma",
+    "varsigma", "tau", "upsilon", "phi", "varphi", "chi", "psi", "omega", "Gamma", "Delta",
+    "Theta", "Lambda", "Xi", "Pi", "Sigma", "Upsilon", "Phi", "Psi", "Omega",
+))  # fmt: skip
+# A subscript that is one command: L_{\odot}, m_{\max }, L_\odot.
+_COMMAND_SUBSCRIPT = re.compile(r"_\s*(?:\{\s*\\([A-Za-z]+)\s*\}|\\([A-Za-z]+))")
+# An e or E with a subscript (E_1, E_{2}), not part of a word or a command (\Eta).
+_E_SUBSCRIPT = re.compile(r"(?<![\\A-Za-z])([Ee])(?=\s*_)")
 
-    math-verify reads ``4.5e33`` as ``4.5 * e * 33`` (Euler's e); Minerva golds use that notation.
+
+def _plain_subscript(match: re.Match) -> str:
+    name = match.group(1) or match.group(2)
+    return match.group(0) if name in _GREEK else f"_{{{name}}}"
+
+
+def normalize_answer(answer: str) -> str:
+    """Strips whitespace and surrounding ``$``, and rewrites what math-verify's parser misreads.
+
+    - ``4.5e33`` becomes ``4.5\\times10^{33}``: math-verify reads it as ``4.5 * e * 33`` (Euler's
+      e); Minerva golds use that notation.
+    - A subscript that is one non-Greek command loses the backslash (``L_{\\odot}`` ->
+      ``L_{odot}``, ``m_{\\max }`` -> ``m_{max}``): the parser gives up on the whole answer.
+    - ``E`` (or ``e``) before a subscript becomes ``\\mathsf{E}``: the parser takes ``E`` for
+      Euler's number and gives up on ``E_1`` (``\\mathrm`` would not do: math-verify cuts
+      ``\\mathrm{...}`` as text).
+
+    Golds and predictions both go through it, so the rewritten forms still match each other.
     """
     answer = answer.strip()
     while len(answer) >= 2 and answer[0] == "$" and answer[-1] == "$":
         answer = answer[1:-1].strip()
     sci = _SCIENTIFIC.fullmatch(answer)
-    return f"{sci.group(1)}\\times10^{{{sci.group(2)}}}" if sci else answer
+    if sci:
+        return f"{sci.group(1)}\\times10^{{{sci.group(2)}}}"
+    answer = _COMMAND_SUBSCRIPT.sub(_plain_subscript, answer)
+    return _E_SUBSCRIPT.sub(r"\\mathsf{\1}", answer)
+
+
+# Python notation in golds (Minerva): numpy / math functions and constants, ** powers, "1." floats.
+_PY_ATTRIBUTE = re.compile(r"\b(?:np|numpy|math)\.([A-Za-z_]\w*)")
+_PY_PLAIN = {
+    "pi": r"\pi", "e": "e", "inf": r"\infty", "log": r"\ln", "log10": r"\log_{10}",
+    "log2": r"\log_{2}", "asin": r"\arcsin", "acos": r"\arccos", "atan": r"\arctan",
+    **{f: f"\\{f}" for f in ("sin", "cos", "tan", "sinh", "cosh", "tanh", "arcsin", "arccos",
+                            "arctan", "ln")},  # fmt: skip
+}
+_PY_WRAPPED = {"sqrt": (r"\sqrt{", "}"), "exp": ("e^{", "}"), "abs": (r"\left|", r"\right|")}
+_PY_POWER = re.compile(r"\*\*\s*(?:(-?[\w.]+)|\()")  # x**2, x**(1/3)
+_PY_FLOAT = re.compile(r"(?<=\d)\.(?!\d)")  # "1./3", "3.": the point adds nothing
+# "\frac{dM}{dt}=...": math-verify compares only an assignment's right side with a bare answer,
+# and a derivative on the left is no assignment to it.
+_DERIVATIVE_LHS = re.compile(r"\\[dt]?frac\{\s*d[^{}=]*\}\{\s*d[^{}=]*\}\s*=(?!=)")
+# "t(0,4]": a variable and an interval (not a call f(0,4), whose brackets are both round).
+_MEMBERSHIP = re.compile(r"([A-Za-z])\s*(\([^()\[\]]*,[^()\[\]]*\]|\[[^()\[\]]*,[^()\[\]]*[)\]])")
+
+
+def _closing_paren(text: str, start: int) -> int:
+    """Index of the ``)`` that closes the ``(`` at ``start``; -1 if none (or no ``(`` there)."""
+    if text[start : start + 1] != "(":
+        return -1
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    return -1
+
+
+def _python_to_latex(text: str) -> str:
+    """``np.arcsin(10/13)`` -> ``\\arcsin(10/13)``, ``np.sqrt(2)`` -> ``\\sqrt{2}``,
+    ``x**(1/3)`` -> ``x^{1/3}``, ``-1./3`` -> ``-1/3``; anything else is left as it is."""
+    pos = 0
+    while match := _PY_ATTRIBUTE.search(text, pos):
+        start, end, name = match.start(), match.end(), match.group(1)
+        if name in _PY_PLAIN:
+            text = text[:start] + _PY_PLAIN[name] + text[end:]
+        elif name in _PY_WRAPPED and (close := _closing_paren(text, end)) > 0:
+            left, right = _PY_WRAPPED[name]
+            text = text[:start] + left + text[end + 1 : close] + right + text[close + 1 :]
+        else:
+            pos = end  # not a function we know: left as it is
+            continue
+        pos = start  # the argument may hold another call
+    while match := _PY_POWER.search(text):
+        exponent, end = match.group(1), match.end()
+        if exponent is None:  # a parenthesised exponent
+            close = _closing_paren(text, end - 1)
+            if close < 0:
+                break
+            exponent, end = text[end:close], close + 1
+        text = f"{text[: match.start()]}^{{{exponent}}}{text[end:]}"
+    return _PY_FLOAT.sub("", text)
+
+
+def normalize_gold(gold: str) -> str:
+    """:func:`normalize_answer` for a benchmark's gold, which may be written in Python
+    (``-1./3``, ``np.arcsin(10/13)``, ``x**2``), as ``t(0,4]`` for "t in (0,4]", or as an
+    equation with a derivative on the left (``\\frac{dM}{dt}=...``: only its right side is kept,
+    which an answer that repeats the left side still matches)."""
+    gold = _python_to_latex(normalize_answer(gold))
+    if derivative := _DERIVATIVE_LHS.match(gold):
+        gold = gold[derivative.end() :].strip()
+    membership = _MEMBERSHIP.fullmatch(gold)
+    return f"{membership.group(1)}\\in{membership.group(2)}" if membership else gold
 
 
 _TEXT_WRAPPER = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\{(.*)\}$", re.DOTALL)

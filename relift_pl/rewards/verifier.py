@@ -227,7 +227,7 @@ class MathVerifyReward:
             if self.require_think_close:
                 return 0.0, None
             answer = response
-        gold = extract.normalize_answer(gold)
+        gold = extract.normalize_gold(gold)
         if mode == "auto":
             mode = "choice" if len(gold) == 1 and gold in "ABCDE" else "math"
         if mode == "choice":

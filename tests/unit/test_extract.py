@@ -8,6 +8,7 @@ from relift_pl.rewards.extract import (
     extract_choice_letter,
     last_boxed,
     normalize_answer,
+    normalize_gold,
     split_think,
 )
 
@@ -93,7 +94,38 @@ def test_extract_choice_letter(text, letters, expected):
         ("-2E-3", "-2\\times10^{-3}"),
         ("e3", "e3"),  # not a number in scientific notation
         ("025", "025"),
+        # Subscripts the parser gives up on.
+        (r"L_{\odot}", "L_{odot}"),
+        (r"m_{\max }=1", "m_{max}=1"),
+        (r"L_\odot", "L_{odot}"),
+        (r"\rho_{\alpha}", r"\rho_{\alpha}"),  # Greek subscripts parse: left alone
+        ("E_1+e_{2}", r"\mathsf{E}_1+\mathsf{e}_{2}"),
+        (r"E+\Eta_1+BE_1", r"E+\Eta_1+BE_1"),  # no subscript, a command, inside a word
     ],
 )
 def test_normalize_answer(answer, expected):
     assert normalize_answer(answer) == expected
+
+
+@pytest.mark.parametrize(
+    ("gold", "expected"),
+    [
+        ("-1./3", "-1/3"),
+        ("3.", "3"),
+        ("142.0", "142.0"),
+        ("np.arcsin(10/13)", r"\arcsin(10/13)"),
+        ("2*np.pi", r"2*\pi"),
+        ("math.sqrt(np.exp(2))", r"\sqrt{e^{2}}"),
+        ("np.foo(2)", "np.foo(2)"),  # not a function we know
+        ("x**2", "x^{2}"),
+        ("2**-10", "2^{-10}"),
+        ("x**(1/3)+1", "x^{1/3}+1"),
+        ("$t(0,4]$", r"t\in(0,4]"),
+        ("x[1,2)", r"x\in[1,2)"),
+        ("f(0,4)", "f(0,4)"),  # a call, not an interval
+        (r"\frac{dM}{dt}=M^{2}", "M^{2}"),
+        (r"\frac{a}{b}=2", r"\frac{a}{b}=2"),  # not a derivative
+    ],
+)
+def test_normalize_gold(gold, expected):
+    assert normalize_gold(gold) == expected
