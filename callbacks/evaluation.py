@@ -1,6 +1,6 @@
 """Benchmark evaluation: avg@k and pass@k on held-out sets, sampled through the run's rollout engine.
 
-The callback decides WHEN (before training, every n training steps, at the end); the scoring
+The callback decides WHEN (before training, every n training steps, at the last step); the scoring
 itself (:meth:`BenchmarkEvaluation.evaluate`) is also what ``evaluate.py`` runs, so a score in a
 training log and one in ``results.md`` come from the same code.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torchmetrics.aggregation import MeanMetric
 
-from relift_pl.distributed import all_gather_objects, world_size_and_rank
+from relift_pl.distributed import all_gather_objects, all_reduce_sum, world_size_and_rank
 from relift_pl.rollout.base import SamplingParams
 
 # progress(set name, problems scored so far on this rank, problems on this rank)
@@ -40,6 +40,10 @@ class SetScore:
     """Problem id -> share of its k samples that were correct (all ranks' problems)."""
     response_tokens: dict[str, float] = field(default_factory=dict)
     """Problem id -> mean response length of its k samples, in tokens."""
+    timeouts: int = 0
+    """Responses whose grading hit the reward's time limit (scored 0), over all ranks."""
+    failures: int = 0
+    """Responses whose grading crashed or raised (scored 0), over all ranks."""
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -49,28 +53,47 @@ class SetScore:
 
 
 def metrics_of(scores: list[SetScore]) -> dict[str, float]:
-    """``val/<set>/avg@k``, ``val/<set>/pass@k`` and ``val/avg`` (mean of the avg@k values)."""
+    """``val/<set>/avg@k``, ``val/<set>/pass@k`` (each set with its own k), ``val/avg`` (mean of
+    the avg@k values) and ``val/reward_timeouts`` / ``val/reward_failures`` (summed over sets)."""
     metrics: dict[str, float] = {}
     for score in scores:
         metrics |= score.metrics()
     if scores:
         metrics["val/avg"] = sum(s.avg_at_k for s in scores) / len(scores)
+        metrics["val/reward_timeouts"] = sum(s.timeouts for s in scores)
+        metrics["val/reward_failures"] = sum(s.failures for s in scores)
     return metrics
+
+
+def _check_set_names(key: str, names: Mapping[str, Any] | None, eval_sets: Mapping) -> None:
+    """Fails when a per-set setting names a set that is not evaluated (a typo would be ignored)."""
+    unknown = set(names or {}) - set(eval_sets)
+    if unknown:
+        raise ValueError(
+            f"callbacks.evaluation.{key} names {sorted(unknown)}, which are not eval sets; the "
+            f"eval sets are {sorted(eval_sets)}"
+        )
 
 
 class BenchmarkEvaluation(L.Callback):
     """Evaluates the policy on the datamodule's ``eval_sets`` before, during and after training.
 
-    For each set it samples ``k`` completions per problem and logs ``val/<set>/avg@k`` (mean
-    correctness), ``val/<set>/pass@k`` (any correct) and ``val/avg`` (mean of the avg@k values).
-    torchmetrics reduces the per-problem values across ranks, so each rank scores its share. A
-    row's ``grading`` field (``choice`` for GPQA / ARC-c) reaches the reward as its mode.
-    ``val/avg`` lands in ``trainer.callback_metrics`` before any checkpoint callback of the same
-    step runs, so ``ModelCheckpoint(monitor="val/avg")`` with the same period keeps the best.
+    For each set it samples k completions per problem (``k``, or the set's ``k_per_set``) and
+    logs ``val/<set>/avg@k`` (mean correctness), ``val/<set>/pass@k`` (any correct), ``val/avg``
+    (mean of the avg@k values) and the grading's ``val/reward_timeouts`` /
+    ``val/reward_failures``. torchmetrics reduces the per-problem values across ranks, so each rank
+    scores its share. A row's ``grading`` field (``choice`` for GPQA / ARC-c) reaches the reward
+    as its mode. Every evaluation during training (the last step's included) runs in
+    ``on_train_batch_end``, so ``val/avg`` lands in ``trainer.callback_metrics`` before any
+    checkpoint callback of the same step runs (Lightning orders those last), and
+    ``ModelCheckpoint(monitor="val/avg")`` with the same period keeps the best.
 
     Args:
         every_n_steps: evaluate every n training steps (0: only before/after training).
-        k: samples per problem.
+        k: samples per problem. At temperature 0 each problem is sampled once and its response
+            counted k times (greedy decoding is deterministic; engines refuse n > 1 there).
+        k_per_set: ``{set name: k}`` for sets scored with another k (the paper: 32 on AIME24,
+            AIME25 and AMC23, 8 on MATH-500 and OlympiadBench); the others use ``k``.
         temperature: sampling temperature (the reference evaluates at 0.6).
         top_p: nucleus mass.
         max_new_tokens: longest completion.
@@ -78,7 +101,8 @@ class BenchmarkEvaluation(L.Callback):
             set, or ``{set name: n}`` for some sets (the others are scored whole); None for all.
         batch_prompts: prompts per generate call.
         before_training: evaluate the starting policy too (the "before" column of the summary).
-        after_training: evaluate once more at the end if the last step was not evaluated.
+        after_training: evaluate the last training step (``module.max_steps``) if the period
+            did not, and at the end of a run that stopped earlier (not after a preemption).
         seed: sampling seed, so the same policy gets the same score, and evaluation leaves the
             training random streams untouched; None samples from the global streams.
         per_problem_file: if set, every evaluation appends one JSON line per set to this file:
@@ -91,6 +115,7 @@ class BenchmarkEvaluation(L.Callback):
         self,
         every_n_steps: int = 0,
         k: int = 4,
+        k_per_set: Mapping[str, int] | None = None,
         temperature: float = 0.6,
         top_p: float = 1.0,
         max_new_tokens: int = 1024,
@@ -105,10 +130,14 @@ class BenchmarkEvaluation(L.Callback):
             raise ValueError(f"callbacks.evaluation.batch_prompts must be >= 1, got {batch_prompts}")
         if k < 1:
             raise ValueError(f"callbacks.evaluation.k must be >= 1 (samples per problem), got {k}")
+        for name, n in (k_per_set or {}).items():
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"callbacks.evaluation.k_per_set.{name} must be >= 1, got {n!r}")
         self.every_n_steps = every_n_steps
         self.sampling = SamplingParams(
             n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
         )
+        self.k_per_set = dict(k_per_set or {})
         self.max_problems = max_problems
         self.batch_prompts = batch_prompts
         self.before_training = before_training
@@ -116,10 +145,16 @@ class BenchmarkEvaluation(L.Callback):
         self.seed = seed
         self.per_problem_file = per_problem_file
         self.history: list[tuple[int, dict[str, float]]] = []
+        self.last_eval_step = -1
+        """``module.step_count`` of the newest evaluation; -1 before the first."""
 
     @property
     def k(self) -> int:
+        """The k of sets without a ``k_per_set`` entry."""
         return self.sampling.n
+
+    def k_of(self, name: str) -> int:
+        return self.k_per_set.get(name, self.k)
 
     # -- when ----------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, module) -> None:
@@ -127,14 +162,18 @@ class BenchmarkEvaluation(L.Callback):
             self.run(trainer, module)
 
     def on_train_batch_end(self, trainer: L.Trainer, module, *args: Any) -> None:
-        if self.every_n_steps and module.step_count % self.every_n_steps == 0:
+        step = module.step_count
+        periodic = self.every_n_steps and step % self.every_n_steps == 0
+        # The last step here, not in on_train_end: checkpoint callbacks of this step see it.
+        last = self.after_training and step >= module.max_steps
+        if (periodic or last) and self.last_eval_step != step:
             self.run(trainer, module)
 
     def on_train_end(self, trainer: L.Trainer, module) -> None:
         if getattr(module, "preempted", False):
             return  # a preempted run leaves quickly; the resumed run evaluates at its end
-        if self.after_training and (not self.history or self.history[-1][0] != module.step_count):
-            self.run(trainer, module)
+        if self.after_training and self.last_eval_step != module.step_count:
+            self.run(trainer, module)  # a run that stopped before max_steps
 
     def run(self, trainer: L.Trainer, module, eval_sets=None) -> dict[str, float]:
         """Scores every eval set now, logs the values and appends them to ``history``.
@@ -162,6 +201,7 @@ class BenchmarkEvaluation(L.Callback):
             # ModelCheckpoint(monitor="val/avg") reads callback_metrics.
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
             self.history.append((module.step_count, results))
+            self.last_eval_step = module.step_count
         return results
 
     # -- how -----------------------------------------------------------------------------------
@@ -177,12 +217,8 @@ class BenchmarkEvaluation(L.Callback):
     ) -> list[SetScore]:
         """Scores each set (first :meth:`limit` problems) with the module's engine and reward."""
         if isinstance(self.max_problems, Mapping):
-            unknown = set(self.max_problems) - set(eval_sets)
-            if unknown:
-                raise ValueError(
-                    f"callbacks.evaluation.max_problems names {sorted(unknown)}, which are not eval "
-                    f"sets; the eval sets are {sorted(eval_sets)}"
-                )
+            _check_set_names("max_problems", self.max_problems, eval_sets)
+        _check_set_names("k_per_set", self.k_per_set, eval_sets)
         devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices, enabled=self.seed is not None):
             if self.seed is not None:
@@ -196,39 +232,53 @@ class BenchmarkEvaluation(L.Callback):
     def score_set(
         self, module, name: str, rows: list[dict[str, Any]], progress: Progress | None = None
     ) -> SetScore:
-        """Samples k completions per problem of ``rows`` and grades them."""
+        """Samples k completions per problem of ``rows`` (one at temperature 0) and grades them."""
+        k = self.k_of(name)
+        greedy = self.sampling.temperature == 0
+        # Greedy: one sample per problem, counted k times (the same as k greedy samples).
+        sampling = replace(self.sampling, n=1 if greedy else k)
         world, rank = world_size_and_rank()
         mine = rows[rank::world]
         # On the module's device: NCCL cannot reduce CPU tensors across ranks.
         avg, pas = MeanMetric().to(module.device), MeanMetric().to(module.device)
         per_problem: dict[str, float] = {}
         tokens: dict[str, float] = {}
+        troubles = torch.zeros(2, device=module.device)  # grading timeouts, failures
         # Every rank runs the same number of generate calls (sharded engines need all ranks).
         per_rank = -(-len(rows) // world)
         for start in range(0, per_rank, self.batch_prompts):
             chunk = mine[start : start + self.batch_prompts]
             prompts = [row["prompt_ids"] for row in chunk] or [rows[0]["prompt_ids"]]
-            batch = module.generate(prompts, self.sampling)
+            batch = module.generate(prompts, sampling)
             if not chunk:
                 continue
             texts = module.decode_responses(batch)
-            golds = [row["answer"] for row in chunk for _ in range(self.k)]
-            modes = [row.get("grading") for row in chunk for _ in range(self.k)]
+            golds = [row["answer"] for row in chunk for _ in range(sampling.n)]
+            modes = [row.get("grading") for row in chunk for _ in range(sampling.n)]
             extra = {"modes": modes} if any(modes) else {}  # plain reward callables work too
             scored = module.reward_fn(texts, golds, **extra)
-            correct = torch.tensor(scored.rewards, device=module.device).view(-1, self.k)  # [P, k]
+            troubles += torch.tensor([scored.timeouts, scored.failures], device=module.device)
+            correct = torch.tensor(scored.rewards, device=module.device).view(-1, sampling.n)
+            correct = correct.repeat_interleave(k // sampling.n, dim=1)  # [P, k]
             avg.update(correct.mean(dim=1))
-            lengths = batch.response_mask.sum(dim=1).float().view(-1, self.k).mean(dim=1)  # [P]
+            lengths = batch.response_mask.sum(dim=1).float().view(-1, sampling.n).mean(dim=1)  # [P]
             per_problem |= {str(row["id"]): v for row, v in zip(chunk, correct.mean(dim=1).tolist())}
             tokens |= {str(row["id"]): v for row, v in zip(chunk, lengths.tolist())}
             pas.update(correct.amax(dim=1))
             if progress is not None:
                 progress(name, start + len(chunk), len(mine))
-        merged = [{k: v for part in all_gather_objects([d]) for k, v in part.items()} for d in (per_problem, tokens)]
-        return SetScore(name, float(avg.compute()), float(pas.compute()), len(rows), self.k, *merged)
+        merged = [{key: v for part in all_gather_objects([d]) for key, v in part.items()} for d in (per_problem, tokens)]
+        timeouts, failures = (int(v) for v in all_reduce_sum(troubles).tolist())
+        return SetScore(
+            name, float(avg.compute()), float(pas.compute()), len(rows), k, *merged,
+            timeouts=timeouts, failures=failures,
+        )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        return {"history": self.history, "last_eval_step": self.last_eval_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [tuple(item) for item in state["history"]]
+        # Checkpoints from before the field: the newest evaluation in the history.
+        newest = self.history[-1][0] if self.history else -1
+        self.last_eval_step = state.get("last_eval_step", newest)

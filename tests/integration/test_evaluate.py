@@ -60,7 +60,8 @@ def test_callback_logs_val_tags_before_and_every_step(run):
         for tag in acc.Tags()["scalars"]:
             if tag.startswith("val/"):
                 logged.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    expected_tags = {f"val/{s}/{m}@2" for s in SETS for m in ("avg", "pass")} | {"val/avg"}
+    expected_tags = {f"val/{s}/{m}@2" for s in SETS for m in ("avg", "pass")} | {
+        "val/avg", "val/reward_timeouts", "val/reward_failures"}
     assert set(logged) == expected_tags
     for step, metrics in history:
         for tag, value in metrics.items():

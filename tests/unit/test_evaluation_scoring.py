@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from callbacks.evaluation import BenchmarkEvaluation, metrics_of
-from relift_pl.rewards import MathVerifyReward
+from relift_pl.rewards import MathVerifyReward, RewardOutput
 
 
 class ScriptedBatch(list):
@@ -24,18 +24,23 @@ class ScriptedModule:
         self.responses = responses
         self.reward_fn = reward_fn
         self.calls = 0
+        self.samples_asked: list[int] = []  # sampling.n of each generate call
+        self.step_count, self.max_steps, self.preempted = 0, 2, False
 
     def generate(self, prompt_ids, sampling):
         self.calls += 1
+        self.samples_asked.append(sampling.n)
         torch.rand(1)
         batch = ScriptedBatch(p[0] for p in prompt_ids)
+        batch.n = sampling.n
         # One "token" per character of each scripted response.
-        lengths = torch.tensor([len(t) for p in batch for t in self.responses[p]])
+        lengths = torch.tensor([len(t) for t in self.decode_responses(batch)])
         batch.response_mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
         return batch
 
     def decode_responses(self, batch):
-        return [text for p in batch for text in self.responses[p]]
+        """The first n scripted responses of each prompt."""
+        return [text for p in batch for text in self.responses[p][: batch.n]]
 
 
 def rows(*answers: str, grading: str | None = None, first_id: int = 0):
@@ -71,7 +76,7 @@ def test_avg_and_pass_at_k_by_hand(reward):
     assert metrics_of(scores) == {
         "val/math/avg@2": 0.25, "val/math/pass@2": 0.5,
         "val/arc/avg@2": 0.5, "val/arc/pass@2": 1.0,
-        "val/avg": 0.375,
+        "val/avg": 0.375, "val/reward_timeouts": 0, "val/reward_failures": 0,
     }
     assert [(s.name, s.num_problems) for s in scores] == [("math", 2), ("arc", 1)]
     assert scores[0].per_problem == {"q0": 0.5, "q1": 0.0}
@@ -109,3 +114,57 @@ def test_seeded_evaluation_leaves_the_training_rng_alone(reward):
     torch.manual_seed(123)
     BenchmarkEvaluation(k=2, seed=0).evaluate(ScriptedModule(SCRIPT, reward), EVAL_SETS)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_k_per_set(reward):
+    module = ScriptedModule(SCRIPT, reward)
+    evaluation = BenchmarkEvaluation(k=2, k_per_set={"math": 1}, batch_prompts=2)
+    scores = evaluation.evaluate(module, EVAL_SETS)
+    assert module.samples_asked == [1, 2]  # math, then arc
+    # math with k=1: the first responses, RIGHT and WRONG -> avg = pass = 1/2. arc as before.
+    # val/avg = (1/2 + 1/2) / 2.
+    assert metrics_of(scores) == {
+        "val/math/avg@1": 0.5, "val/math/pass@1": 0.5,
+        "val/arc/avg@2": 0.5, "val/arc/pass@2": 1.0,
+        "val/avg": 0.5, "val/reward_timeouts": 0, "val/reward_failures": 0,
+    }
+    assert [s.k for s in scores] == [1, 2]
+
+
+def test_k_per_set_names_must_be_eval_sets(reward):
+    evaluation = BenchmarkEvaluation(k=2, k_per_set={"maht": 1, "arc": 4})
+    with pytest.raises(ValueError, match=r"callbacks.evaluation.k_per_set names \['maht'\], which "
+                       r"are not eval sets; the eval sets are \['arc', 'math'\]"):
+        evaluation.evaluate(ScriptedModule(SCRIPT, reward), EVAL_SETS)
+    with pytest.raises(ValueError, match=r"callbacks.evaluation.k_per_set.arc must be >= 1"):
+        BenchmarkEvaluation(k_per_set={"arc": 0})
+
+
+def test_greedy_samples_once_and_counts_it_k_times(reward):
+    module = ScriptedModule(SCRIPT, reward)
+    scores = BenchmarkEvaluation(k=3, temperature=0.0, batch_prompts=2).evaluate(module, EVAL_SETS)
+    assert module.samples_asked == [1, 1]  # engines refuse n > 1 at temperature 0
+    # The one greedy response counts k=3 times: math (1, 0) -> avg 1/2, pass 1/2; arc (1) -> 1, 1.
+    assert metrics_of(scores) == {
+        "val/math/avg@3": 0.5, "val/math/pass@3": 0.5,
+        "val/arc/avg@3": 1.0, "val/arc/pass@3": 1.0,
+        "val/avg": 0.75, "val/reward_timeouts": 0, "val/reward_failures": 0,
+    }
+    assert scores[0].per_problem == {"q0": 1.0, "q1": 0.0}
+    assert scores[0].response_tokens == {"q0": len(RIGHT), "q1": len(WRONG)}
+
+
+class TroubledReward:
+    """Scores every response 0 and reports 1 timeout and 2 failures per call."""
+
+    def __call__(self, responses, golds, modes=None):
+        return RewardOutput([0.0] * len(responses), timeouts=1, failures=2)
+
+
+def test_grading_timeouts_and_failures_are_counted_per_set_and_summed():
+    evaluation = BenchmarkEvaluation(k=2, batch_prompts=1)
+    scores = evaluation.evaluate(ScriptedModule(SCRIPT, TroubledReward()), EVAL_SETS)
+    # One reward call per prompt: math has 2 prompts, arc 1.
+    assert [(s.name, s.timeouts, s.failures) for s in scores] == [("math", 2, 4), ("arc", 1, 2)]
+    metrics = metrics_of(scores)
+    assert (metrics["val/reward_timeouts"], metrics["val/reward_failures"]) == (3, 6)
