@@ -10,7 +10,7 @@ import torch
 
 from relift_pl.buffer import demo_row
 from relift_pl.checkpoint import nested_tuples
-from relift_pl.distributed import all_gather_objects, world_size_and_rank
+from relift_pl.distributed import all_gather_objects
 
 
 class HardQuestionMining(L.Callback):
@@ -33,9 +33,11 @@ class HardQuestionMining(L.Callback):
     def on_rl_step_end(self, trainer: L.Trainer, module, record) -> None:
         rows, group_rewards = record.rows, record.group_rewards
         if group_rewards is not None:
-            module.log_dict(self._solve_rates(group_rewards), on_step=True, on_epoch=False,
-                            sync_dist=world_size_and_rank()[0] > 1)
-        if not module.algo.sft_enabled:
+            for key, value in self._solve_rates(group_rewards).items():
+                module.metrics.add(key, value, reduce="mean")  # ranks hold equal shares of prompts
+        # An SFT warm-up step (no rollouts although RL is on): nothing is known to be hardest, and
+        # the warm-up has already trained on these rows' demonstrations.
+        if not module.algo.sft_enabled or (group_rewards is None and module.algo.rl_enabled):
             return
         chosen = self._choose(module.algo.buffer_selection, rows, group_rewards)
         usable = [demo_row(row) for row in chosen if row.get("demo_ids")]
@@ -51,13 +53,13 @@ class HardQuestionMining(L.Callback):
         return self._rng.sample(list(rows), k=sum(hardest))
 
     @staticmethod
-    def _solve_rates(group_rewards: torch.Tensor) -> dict[str, float]:
+    def _solve_rates(group_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
         solved = (group_rewards > 0).sum(dim=1)  # [B] correct rollouts per prompt
         group_size = group_rewards.shape[1]
         return {
-            "train/solve_none_rate": (solved == 0).float().mean().item(),
-            "train/solve_all_rate": (solved == group_size).float().mean().item(),
-            "train/solved_rate": (solved > 0).float().mean().item(),
+            "train/solve_none_rate": (solved == 0).float().mean(),
+            "train/solve_all_rate": (solved == group_size).float().mean(),
+            "train/solved_rate": (solved > 0).float().mean(),
         }
 
     def state_dict(self) -> dict[str, Any]:

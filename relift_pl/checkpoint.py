@@ -129,8 +129,10 @@ def rng_state() -> dict[str, Any]:
     # Plain types and tensors only: Lightning loads checkpoints with weights_only=True.
     numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # This rank's device only: each rank saves and restores its own (a resume on fewer or
+        # other devices must not index devices it does not have).
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -139,8 +141,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every device's state
+            device = torch.cuda.current_device()
+            if device >= len(cuda):
+                return
+            cuda = cuda[device]
+        torch.cuda.set_rng_state(cuda)
 
 
 def nested_tuples(value):

@@ -1,12 +1,14 @@
 """Splitting a batch of [left-padded prompt | right-padded response] rows into micro-batches.
 
-Pure bookkeeping, no model: which rows go together, and which columns they need. A
-micro-batch keeps only the columns some of its rows use, so short rows grouped together cost
-short forward passes (sorting by length first cuts padding further).
+Pure bookkeeping over row lengths (plain Python ints, read once from the CPU masks): no model,
+no device tensors, so planning never waits on a GPU and never mixes devices. A micro-batch keeps
+only the columns some of its rows use, so short rows grouped together cost short forward passes
+(sorting by length first cuts padding further).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,63 +17,89 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class MicroBatch:
-    rows: Tensor  # [m] indices into the batch
+    rows: Tensor  # [m] CPU indices into the batch
     start: int  # first column kept (leading columns that are padding in every row are cut)
     response_len: int  # response columns kept (trailing all-padding columns are cut)
     weight: float = 1.0  # 0 for filler micro-batches that only keep ranks in step
 
-    def columns(self, prompt_len: int) -> slice:
-        return slice(self.start, prompt_len + self.response_len)
+    def columns(self, prompt_width: int) -> slice:
+        return slice(self.start, prompt_width + self.response_len)
+
+    def width(self, prompt_width: int) -> int:
+        """Columns the forward pass runs: the longest prompt plus the longest response."""
+        return prompt_width - self.start + self.response_len
+
+
+def row_lengths(prompt_mask: Tensor, response_mask: Tensor) -> tuple[list[int], list[int]]:
+    """Real prompt and response tokens per row, as Python ints (one transfer each).
+
+    Args:
+        prompt_mask: [N, P] 1 on real prompt tokens (left-padded).
+        response_mask: [N, R] 1 on real response tokens (right-padded).
+    """
+    return prompt_mask.sum(-1).tolist(), response_mask.sum(-1).tolist()
 
 
 def plan_micro_batches(
-    attention_mask: Tensor,
-    prompt_len: int,
-    rows: Tensor,
+    prompt_lengths: Sequence[int],
+    response_lengths: Sequence[int],
+    prompt_width: int,
+    rows: Sequence[int],
     max_seqs: int,
     max_tokens: int | None = None,
 ) -> list[MicroBatch]:
     """Groups ``rows`` into micro-batches.
 
     Args:
-        attention_mask: [N, P + R] 1 on real prompt and response tokens.
-        prompt_len: P, the width of the left-padded prompt block.
+        prompt_lengths: real prompt tokens of every row of the batch.
+        response_lengths: real response tokens of every row of the batch.
+        prompt_width: P, the width of the left-padded prompt block.
         rows: indices of the rows to split (one mini-batch).
         max_seqs: most rows per micro-batch.
-        max_tokens: token budget per micro-batch, counted as rows x longest row (the padded
-            cost of the forward pass). When set, rows are sorted by length so similar lengths
-            share a micro-batch. A single row longer than the budget still gets its own.
+        max_tokens: token budget per micro-batch, counted as the forward pass runs it: rows x
+            (longest prompt + longest response) of the micro-batch. When set, rows are sorted by
+            length so similar lengths share a micro-batch. A single row longer than the budget
+            still gets its own.
 
     Returns:
         Micro-batches covering every row of ``rows`` exactly once.
     """
-    lengths = attention_mask[rows].sum(-1)  # [n] real tokens per row
-    order = rows if max_tokens is None else rows[torch.argsort(lengths, descending=True, stable=True)]
+    order = list(rows)
+    if max_tokens is not None:
+        total = {row: prompt_lengths[row] + response_lengths[row] for row in order}
+        order.sort(key=lambda row: -total[row])  # stable: ties keep their order
     groups: list[list[int]] = [[]]
-    longest = 0
-    for row in order.tolist():
-        length = int(attention_mask[row].sum())
-        fits_count = len(groups[-1]) < max_seqs
-        fits_tokens = max_tokens is None or (len(groups[-1]) + 1) * max(longest, length) <= max_tokens
-        if groups[-1] and not (fits_count and fits_tokens):
+    longest_prompt = longest_response = 0
+    for row in order:
+        prompt, response = prompt_lengths[row], response_lengths[row]
+        cost = (len(groups[-1]) + 1) * (max(longest_prompt, prompt) + max(longest_response, response))
+        fits = len(groups[-1]) < max_seqs and (max_tokens is None or cost <= max_tokens)
+        if groups[-1] and not fits:
             groups.append([])
-            longest = 0
+            longest_prompt = longest_response = 0
         groups[-1].append(row)
-        longest = max(longest, length)
-    return [_trimmed(attention_mask, prompt_len, torch.tensor(g)) for g in groups if g]
+        longest_prompt = max(longest_prompt, prompt)
+        longest_response = max(longest_response, response)
+    return [
+        _trimmed(prompt_lengths, response_lengths, prompt_width, group) for group in groups if group
+    ]
 
 
-def _trimmed(attention_mask: Tensor, prompt_len: int, rows: Tensor) -> MicroBatch:
-    mask = attention_mask[rows]  # [m, P + R]
-    prompt_used = mask[:, :prompt_len].any(dim=0).nonzero()
-    start = int(prompt_used[0]) if len(prompt_used) else prompt_len - 1
-    start = min(start, prompt_len - 1)  # keep >= 1 prompt column: it predicts the first token
-    response_len = max(int(mask[:, prompt_len:].sum(-1).max()), 1)
-    return MicroBatch(rows=rows, start=start, response_len=response_len)
+def _trimmed(
+    prompt_lengths: Sequence[int], response_lengths: Sequence[int], prompt_width: int, group: list[int]
+) -> MicroBatch:
+    longest_prompt = max(prompt_lengths[row] for row in group)
+    # Keep >= 1 prompt column: it predicts the first response token.
+    start = min(prompt_width - longest_prompt, prompt_width - 1)
+    response_len = max(max(response_lengths[row] for row in group), 1)
+    return MicroBatch(rows=torch.tensor(group), start=start, response_len=response_len)
 
 
 def pad_plan(plan: list[MicroBatch], count: int) -> list[MicroBatch]:
     """Appends zero-weight copies of the last micro-batch up to ``count``, so every rank runs the
     same number of forward/backward passes (FSDP and DDP collectives must match)."""
+    if not plan:
+        raise ValueError("pad_plan needs at least one micro-batch to copy (a rank with no rows "
+                         "must plan one zero-weight row)")
     filler = MicroBatch(plan[-1].rows[:1], plan[-1].start, plan[-1].response_len, weight=0.0)
     return plan + [filler] * (count - len(plan))

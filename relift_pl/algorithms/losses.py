@@ -177,6 +177,7 @@ class PolicyGradientLoss(nn.Module):
         is_weights: Tensor | None = None,
         num_tokens: Count = None,
         num_seqs: Count = None,
+        seq_width: float | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Computes the loss of one (micro-)batch.
 
@@ -190,6 +191,9 @@ class PolicyGradientLoss(nn.Module):
             is_weights: [N, T] truncated importance-sampling weights (already capped); detached.
             num_tokens: global token count for aggregation, see `aggregate_loss`.
             num_seqs: global sequence count for aggregation, see `aggregate_loss`.
+            seq_width: the "constant" normaliser when ``loss_constant`` is None: pass the whole
+                batch's response width (global over micro-batches and ranks), else each call
+                falls back to its own width T and the loss depends on micro-batching.
 
         Returns:
             (loss, metrics). Metrics are detached scalars: "pg_loss" (the aggregated pg term, so
@@ -203,7 +207,8 @@ class PolicyGradientLoss(nn.Module):
 
         agg = functools.partial(
             aggregate_loss, mask=response_mask, mode=self.agg_mode, num_tokens=num_tokens,
-            num_seqs=num_seqs, constant=self.loss_constant,
+            num_seqs=num_seqs,
+            constant=self.loss_constant if self.loss_constant is not None else seq_width,
         )  # fmt: skip
 
         ratio = torch.exp((logprobs - old_logprobs).clamp(-_LOG_CLAMP, _LOG_CLAMP))  # [N, T]
@@ -268,6 +273,7 @@ class SFTLoss(nn.Module):
         entropy: Tensor | None = None,
         num_tokens: Count = None,
         num_seqs: Count = None,
+        seq_width: float | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Computes the SFT loss of one (micro-)batch.
 
@@ -277,6 +283,8 @@ class SFTLoss(nn.Module):
             entropy: [N, T] policy entropy per position; needed if entropy_coef > 0.
             num_tokens: global token count for aggregation, see `aggregate_loss`.
             num_seqs: global sequence count for aggregation, see `aggregate_loss`.
+            seq_width: the "constant" normaliser when ``loss_constant`` is None (see
+                `PolicyGradientLoss.forward`).
 
         Returns:
             (loss, metrics): "nll" (the aggregated NLL term) and "entropy" (local token mean, if
@@ -287,7 +295,8 @@ class SFTLoss(nn.Module):
 
         agg = functools.partial(
             aggregate_loss, mask=loss_mask, mode=self.agg_mode, num_tokens=num_tokens,
-            num_seqs=num_seqs, constant=self.loss_constant,
+            num_seqs=num_seqs,
+            constant=self.loss_constant if self.loss_constant is not None else seq_width,
         )  # fmt: skip
 
         nll = agg(-logprobs)

@@ -221,7 +221,9 @@ def test_batched_decode_matches_per_token_filter():
         prompt_ids=torch.ones(4, 1, dtype=torch.long), prompt_mask=torch.ones(4, 1, dtype=torch.long),
         response_ids=response_ids, response_mask=response_mask, finish_reasons=["stop"] * 4,
     )
-    module = SimpleNamespace(tokenizer=Tok())
+    module = SimpleNamespace(
+        tokenizer=Tok(), policy=SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
+    )
     texts = ReLIFTModule.decode_responses(module, batch)
     reference = []
     for ids, mask in zip(response_ids.tolist(), response_mask.tolist()):

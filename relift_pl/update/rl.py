@@ -1,0 +1,184 @@
+"""Step 4 of a training step: the policy-gradient update on one rollout batch.
+
+The batch is split into ``algorithm.num_mini_batches`` mini-batches, one optimizer step each;
+each mini-batch into micro-batches whose gradients accumulate. Losses are normalised by global
+(all micro-batches, all ranks) token and sequence counts, so the update does not depend on
+micro-batching or the world size.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from relift_pl.algorithms.mismatch import logprob_diff, truncated_is_weights
+from relift_pl.distributed import all_reduce_max, all_reduce_sum
+from relift_pl.metrics import StepMetrics
+from relift_pl.micro_batching import row_lengths
+from relift_pl.rollout.base import RolloutBatch
+from relift_pl.update.common import (
+    backward,
+    global_width,
+    micro_logprobs,
+    optimizer_step,
+    plan,
+)
+from relift_pl.update.sft import sft_backward
+
+if TYPE_CHECKING:
+    from relift_pl.module import ReLIFTModule
+
+# Token-mean metrics of the PG loss: weighted by tokens so that ranks and micro-batches combine
+# into the mean over all tokens of the mini-batch.
+_TOKEN_MEANS = ("entropy", "clip_frac", "ratio_mean", "kl")
+
+
+def mini_batches(num_rows: int, count: int) -> list[list[int]]:
+    """``count`` contiguous mini-batches of near-equal size (sizes differ by at most one)."""
+    if not 1 <= count <= num_rows:
+        raise ValueError(
+            f"algorithm.num_mini_batches={count} must be in [1, {num_rows}]: a rank has "
+            f"{num_rows} rollouts per step (data.batch_size / ranks x algorithm.group_size)"
+        )
+    return [chunk.tolist() for chunk in torch.arange(num_rows).tensor_split(count)]
+
+
+def rl_update(
+    module: ReLIFTModule,
+    rollout: RolloutBatch,
+    advantages: Tensor,
+    metrics: StepMetrics,
+    demos: list[dict[str, Any]] | None = None,
+) -> None:
+    """PG update with the RL optimizer; metrics go into ``metrics`` (``rl/*``, ``rollout/*``).
+
+    Args:
+        module: the ReLIFT module (policy, losses, optimizers, counters).
+        rollout: this rank's rollouts, [N, P + R] (N = local prompts x G).
+        advantages: [N] per-sequence advantages.
+        metrics: the step's metrics.
+        demos: RL-with-SFT-loss: every optimizer step also carries ``sft_loss_coef`` x the SFT
+            loss of these demonstrations (the same list on every rank).
+    """
+    algo, device = module.algo, module.device
+    input_ids = rollout.input_ids.to(device)  # [N, P + R]
+    attention_mask = rollout.attention_mask.to(device)  # [N, P + R]
+    response_mask = rollout.response_mask.to(device).float()  # [N, R]
+    advantages = advantages.to(device)  # [N]
+    prompt_width = rollout.prompt_ids.shape[1]
+    prompt_lengths, response_lengths = row_lengths(rollout.prompt_mask, rollout.response_mask)
+    temperature = module.sampling.temperature
+    n = input_ids.shape[0]
+    minis = mini_batches(n, algo.num_mini_batches)
+    k = len(minis)
+
+    def micro_plan(rows, max_seqs=algo.micro_batch_size):
+        return plan(module, prompt_lengths, response_lengths, prompt_width, rows, max_seqs)
+
+    def frozen_logprobs(model) -> Tensor:  # [N, R] log-probs under a model, no gradient
+        out = torch.zeros_like(response_mask)
+        with torch.no_grad():
+            for mb in micro_plan(range(n)):
+                lp, _ = micro_logprobs(module, model, mb, input_ids, attention_mask, prompt_width,
+                                       temperature, with_entropy=False, share_prompts=True)
+                out[mb.rows, : mb.response_len] = lp
+        return out
+
+    # With one optimizer step per rollout the policy that sampled is the one being updated:
+    # the ratio is exactly 1, so old log-probs are the current ones, detached (no extra pass).
+    old_logprobs = frozen_logprobs(module.policy) if k > 1 else None
+    ref_logprobs = frozen_logprobs(module.ref_policy) if module.ref_policy is not None else None
+    seq_width = None
+    if module.pg_loss.agg_mode == "constant" and module.pg_loss.loss_constant is None:
+        seq_width = global_width(module, response_mask.shape[1])
+
+    # The engine's log-probs of its own samples (vLLM): checked against the trainer's below.
+    engine_logprobs = None if rollout.logprobs is None else rollout.logprobs.to(device)  # [N, R]
+    trainer_old = torch.zeros_like(response_mask)  # [N, R] filled per micro-batch
+    tis_weights = torch.zeros_like(response_mask) if module.tis_cap else None  # [N, R]
+    optimizer = module.optimizer("rl")
+    version = module.weights_version
+    for mini in minis:
+        num_tokens = all_reduce_sum(response_mask[mini].sum())
+        num_seqs = all_reduce_sum(torch.tensor(float(len(mini)), device=device))
+        micro = micro_plan(mini)
+        for i, mb in enumerate(micro):
+            rows, width = mb.rows, mb.response_len
+            logprobs, entropy = micro_logprobs(
+                module, module.policy, mb, input_ids, attention_mask, prompt_width, temperature,
+                # The entropy only feeds a metric unless it has a loss weight.
+                entropy_grad=module.pg_loss.entropy_coef != 0, share_prompts=True,
+            )  # fmt: skip
+            mask = response_mask[rows, :width]
+            old = logprobs.detach() if old_logprobs is None else old_logprobs[rows, :width]
+            is_weights = None
+            if module.tis_cap and engine_logprobs is not None:
+                is_weights = truncated_is_weights(
+                    old, engine_logprobs[rows, :width], mask, module.tis_cap
+                )
+            loss, parts = module.pg_loss(
+                logprobs, old, advantages[rows], mask, entropy=entropy, is_weights=is_weights,
+                ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows, :width],
+                num_tokens=num_tokens, num_seqs=num_seqs, seq_width=seq_width,
+            )  # fmt: skip
+            backward(module, loss, mb.weight, last=i == len(micro) - 1 and not demos)
+            # Fillers (weight 0) add zeros: every rank must hold the same metric keys.
+            share = mb.weight / k
+            metrics.add("rl/loss", loss.detach() * share)
+            metrics.add("rl/pg_loss", parts["pg_loss"] * share)
+            token_share = mask.sum() / num_tokens.clamp(min=1) * share
+            for key in _TOKEN_MEANS:
+                if key in parts:
+                    metrics.add(f"rl/{key}", parts[key] * token_share)
+            if mb.weight:
+                trainer_old[rows, :width] = old
+                if is_weights is not None:
+                    tis_weights[rows, :width] = is_weights
+        if demos:
+            sft_backward(module, demos, metrics, scale=algo.sft_loss_coef, prefix="rl/sft_",
+                         metric_scale=1 / k)
+        grad_norm = optimizer_step(module, optimizer, algo.rl_grad_clip, "rl")
+        metrics.add("rl/grad_norm", grad_norm / k, reduce="same")
+    if demos and module.weights_version != version:
+        module.demos_used.update(str(row["id"]) for row in demos)
+    if engine_logprobs is not None:
+        mismatch_metrics(module, trainer_old, engine_logprobs, response_mask, tis_weights, metrics)
+
+
+def mismatch_metrics(
+    module: ReLIFTModule, trainer_old: Tensor, engine_logprobs: Tensor, response_mask: Tensor,
+    tis_weights: Tensor | None, metrics: StepMetrics,
+) -> None:
+    """Engine vs trainer log-probs of the sampled tokens (global over ranks); verifies the sync.
+
+    Args:
+        module: holds the bounds ``max_logprob_diff`` (on the max) and ``max_logprob_diff_mean``.
+        trainer_old: [N, R] the trainer's log-probs before this step's update.
+        engine_logprobs: [N, R] the rollout engine's log-probs of the same tokens.
+        response_mask: [N, R] 1 on response tokens.
+        tis_weights: [N, R] the truncated IS weights used, or None when TIS is off.
+        metrics: the step's metrics.
+    """
+    diff = logprob_diff(trainer_old, engine_logprobs, response_mask)  # [N, R]
+    count = all_reduce_sum(response_mask.sum()).clamp(min=1)
+    diff_max = float(all_reduce_max(diff.max()))
+    diff_mean = float(all_reduce_sum(diff.sum()) / count)
+    metrics.add("rollout/logprob_diff_mean", diff_mean, reduce="same")
+    metrics.add("rollout/logprob_diff_max", diff_max, reduce="same")
+    for value, bound, key, what in (
+        (diff_max, module.max_logprob_diff, "max_logprob_diff", "up to"),
+        (diff_mean, module.max_logprob_diff_mean, "max_logprob_diff_mean", "on average"),
+    ):
+        if bound is not None and value > bound:
+            raise RuntimeError(
+                f"training step {module.step_count + 1} (RL step {module.rl_step + 1}): the rollout "
+                f"engine's log-probs of its sampled tokens differ from the trainer's by {what} "
+                f"{value:.4g} (max {diff_max:.4g}, mean {diff_mean:.3g}), above rollout.{key}="
+                f"{bound}. The engine's weights are stale or the weight sync is broken (raise the "
+                "bound only if the engine's dtype explains it)."
+            )
+    if tis_weights is not None:
+        metrics.add("rollout/tis_weight_mean", all_reduce_sum(tis_weights.sum()) / count, "same")
+        metrics.add("rollout/tis_weight_max", all_reduce_max(tis_weights.max()), "same")
