@@ -1,6 +1,7 @@
 """Pure tensor math of ReLIFT: GRPO advantages, policy-gradient and SFT losses, token log-probs."""
 
 from relift_pl.algorithms.advantages import group_advantages
+from relift_pl.algorithms.fused_head import fused_logprobs_entropy
 from relift_pl.algorithms.logprobs import (
     entropy_from_logits,
     logprobs_and_entropy,
@@ -22,6 +23,7 @@ __all__ = [
     "SFTLoss",
     "aggregate_loss",
     "entropy_from_logits",
+    "fused_logprobs_entropy",
     "group_advantages",
     "kl_k3",
     "logprobs_and_entropy",

@@ -15,14 +15,29 @@ distinct prompt once, keeps its key/value cache, and runs only the responses aga
 that cache. The result is the same function of the weights (same values and gradients up to
 float32 rounding: the tests hold them to 1e-5); the prompt tokens' forward and backward cost drops
 by a factor G.
+
+Token-chunked head (`policy_logprobs(token_chunk=N)`): the model's LM head is replaced, for the
+forward, by `FusedLogprobHead`, which turns the final hidden states into per-token log-probs and
+entropies N tokens at a time (`fused_head.py`); no [tokens, vocab] tensor is kept for backward and
+at most N rows of it exist at once. Same values and gradients; works under FSDP2 (the head runs
+inside the root module's forward) and with `share_prompts`. Models whose forward post-processes
+the logits fall back to the full-logits path with a warning.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from torch import Tensor, nn
+
+from relift_pl.algorithms.head_swap import (
+    FusedLogprobHead,
+    HeadSlot,
+    find_lm_head,
+    replaced_lm_head,
+)
 
 
 def _scaled_float(logits: Tensor, temperature: float) -> Tensor:
@@ -122,9 +137,48 @@ def _can_share_prompts(model: nn.Module) -> bool:
     )
 
 
+class _FusedHeads:
+    """Builds the `FusedLogprobHead` of each forward pass of one `policy_logprobs` call."""
+
+    def __init__(
+        self,
+        slot: HeadSlot,
+        labels: Tensor,
+        label_mask: Tensor,
+        temperature: float,
+        token_chunk: int,
+        entropy: str | None,
+    ) -> None:
+        self.slot, self.labels, self.label_mask = slot, labels, label_mask
+        self.options = {"temperature": temperature, "token_chunk": token_chunk, "entropy": entropy}
+
+    def run(
+        self,
+        model: nn.Module,
+        columns: slice,
+        drop_last: int = 0,
+        rows: Tensor | None = None,
+        **inputs,
+    ):
+        """One model forward whose `.logits` are [N, r, 2]: (log-prob, entropy) of the labels in
+        `columns` (see `FusedLogprobHead` for `drop_last` and `rows`)."""
+        head = FusedLogprobHead(
+            self.slot.lm_head, self.labels[:, columns], self.label_mask[:, columns],
+            drop_last=drop_last, rows=rows, **self.options,
+        )  # fmt: skip
+        with replaced_lm_head(self.slot, head):
+            out = model(**inputs)
+        head.check_output(out.logits)
+        return out
+
+
 def _shared_prompt_logits(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
     num_response_tokens: int,
+    fused: _FusedHeads | None = None,
 ) -> Tensor | None:
     """[N, R, V] logits predicting the response tokens, each distinct prompt run once.
 
@@ -132,7 +186,9 @@ def _shared_prompt_logits(
     logits of their last position (which predict the first response token). The cache rows are
     then gathered out to the N sequences (a differentiable index: gradients of the copies add up
     in the shared prompt), and pass 2 runs the response tokens but the last against it.
-    Returns None when sharing does not apply (no repeated prompt, or the cache was not filled).
+    With `fused`, each pass returns [N, r, 2] (log-prob, entropy) instead of logits, so the result
+    is [N, R, 2]. Returns None when sharing does not apply (no repeated prompt, or the cache was
+    not filled).
     """
     from transformers import DynamicCache
 
@@ -144,26 +200,36 @@ def _shared_prompt_logits(
         return None
     unique_ids, unique_mask = unique[:, :prompt_len], unique[:, prompt_len:]
     unique_positions = position_ids_from_mask(unique_mask)
+    inverse = inverse.to(input_ids.device)
     cache = DynamicCache()
-    first = model(
-        input_ids=unique_ids, attention_mask=unique_mask, position_ids=unique_positions,
-        past_key_values=cache, use_cache=True, logits_to_keep=1,
-    )  # fmt: skip
+    first_inputs = {
+        "input_ids": unique_ids, "attention_mask": unique_mask, "position_ids": unique_positions,
+        "past_key_values": cache, "use_cache": True, "logits_to_keep": 1,
+    }  # fmt: skip
+    if fused is None:
+        first = model(**first_inputs)
+        first_logits = first.logits[:, -1:][inverse]  # [N, 1, V]
+    else:  # the head gathers the U hidden rows out to the N labels itself
+        first = fused.run(model, slice(0, 1), rows=inverse, **first_inputs)
+        first_logits = first.logits  # [N, 1, 2]
     cache = first.past_key_values if first.past_key_values is not None else cache
     if cache.get_seq_length() != prompt_len:  # the model did not fill the cache: no sharing
         return None
-    cache.batch_select_indices(inverse.to(input_ids.device))
-    first_logits = first.logits[:, -1:][inverse]  # [N, 1, V]
+    cache.batch_select_indices(inverse)
     if num_response_tokens == 1:
         return first_logits
-    rest = model(
-        input_ids=input_ids[:, prompt_len:-1],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, prompt_len:-1],
-        past_key_values=cache,
-        use_cache=True,
-    ).logits  # [N, R - 1, V]
-    return torch.cat([first_logits, rest], dim=1)  # [N, R, V]
+    rest_inputs = {
+        "input_ids": input_ids[:, prompt_len:-1],
+        "attention_mask": attention_mask[:, :-1],
+        "position_ids": position_ids[:, prompt_len:-1],
+        "past_key_values": cache,
+        "use_cache": True,
+    }
+    if fused is None:
+        rest = model(**rest_inputs).logits  # [N, R - 1, V]
+    else:
+        rest = fused.run(model, slice(1, None), **rest_inputs).logits  # [N, R - 1, 2]
+    return torch.cat([first_logits, rest], dim=1)  # [N, R, V] or [N, R, 2]
 
 
 def policy_logprobs(
@@ -177,6 +243,7 @@ def policy_logprobs(
     entropy_grad: bool = True,
     chunk_size: int | None = None,
     share_prompts: bool = False,
+    token_chunk: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs (and entropies) of the response tokens under a Hugging Face causal LM.
 
@@ -184,7 +251,7 @@ def policy_logprobs(
     P-1 .. P+R-2 predict the response tokens at P .. P+R-1. Position ids come from
     `position_ids_from_mask`, so each sequence's first real token is at position 0 whatever its
     left padding, as in Hugging Face generate. Values at padding positions of
-    the response are garbage and must be masked by the caller.
+    the response are garbage (0 with `token_chunk`) and must be masked by the caller.
 
     Args:
         model: a Hugging Face causal LM returning `.logits`.
@@ -196,10 +263,16 @@ def policy_logprobs(
         entropy_grad: the entropy is differentiable (an entropy bonus); False computes it without
             autograd, for metrics only.
         chunk_size: rows of the [N, R, V] log-prob/entropy computation handled at once (bounds the
-            float32 temporaries); None processes all rows together.
+            float32 temporaries, not what is saved for backward); None processes all rows
+            together. Unused with `token_chunk`.
         share_prompts: run each distinct prompt once and the responses against its KV cache
             (same values and gradients; see the module docstring). Falls back to one pass when no
             prompt repeats or the model cannot (no KV cache in training, gradient checkpointing).
+        token_chunk: compute log-probs and entropies inside the model's forward from its final
+            hidden states, this many (real) response tokens at a time, recomputing each chunk's
+            logits in backward (see `fused_head.py`): no [N, R, V] logits exist. None: the model
+            returns full logits. Falls back to that, with a warning, for models whose forward
+            post-processes its logits.
 
     Returns:
         (logprobs [N, R] float32, entropy [N, R] float32 or None).
@@ -212,29 +285,44 @@ def policy_logprobs(
         )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if token_chunk is not None and token_chunk < 1:
+        raise ValueError(f"token_chunk must be >= 1, got {token_chunk}")
     position_ids = position_ids_from_mask(attention_mask)  # [N, P + R]
+    labels = input_ids[:, -num_response_tokens:]  # [N, R]
+    entropy_mode = ("grad" if entropy_grad else "no_grad") if with_entropy else None
+    fused = None
+    if token_chunk is not None:
+        slot, reason = find_lm_head(model)
+        if slot is None:
+            warnings.warn(
+                f"token_chunk={token_chunk} not applied ({reason}): full logits computed",
+                stacklevel=2,
+            )
+        else:
+            label_mask = attention_mask[:, -num_response_tokens:].bool()  # [N, R] real labels
+            fused = _FusedHeads(slot, labels, label_mask, temperature, token_chunk, entropy_mode)
     logits = None
     if share_prompts and _can_share_prompts(model):
         logits = _shared_prompt_logits(
-            model, input_ids, attention_mask, position_ids, num_response_tokens
-        )  # [N, R, V] or None
+            model, input_ids, attention_mask, position_ids, num_response_tokens, fused
+        )  # [N, R, V] ([N, R, 2] when fused) or None
     if logits is None:
-        kwargs = {}
+        kwargs = {
+            "input_ids": input_ids, "attention_mask": attention_mask,
+            "position_ids": position_ids, "use_cache": False,
+        }  # fmt: skip
         if _accepts_logits_to_keep(model):
             # Skip the prompt's vocabulary projection: keep the R + 1 last positions, drop the last.
             kwargs["logits_to_keep"] = num_response_tokens + 1
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            **kwargs,
-        ).logits  # [N, R + 1, V] or [N, P + R, V]
-        logits = logits[:, -(num_response_tokens + 1) : -1]  # [N, R, V]
-    labels = input_ids[:, -num_response_tokens:]  # [N, R]
+        if fused is not None:  # the head scores the R positions before the last
+            logits = fused.run(model, slice(None), drop_last=1, **kwargs).logits  # [N, R, 2]
+        else:
+            logits = model(**kwargs).logits  # [N, R + 1, V] or [N, P + R, V]
+            logits = logits[:, -(num_response_tokens + 1) : -1]  # [N, R, V]
+    if fused is not None:
+        return logits[..., 0], (logits[..., 1] if with_entropy else None)
 
     step = chunk_size or max(num_rows, 1)
-    entropy_mode = ("grad" if entropy_grad else "no_grad") if with_entropy else None
     logprob_chunks, entropy_chunks = [], []
     for start in range(0, num_rows, step):
         chunk = logits[start : start + step]  # [n, R, V]

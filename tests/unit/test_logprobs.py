@@ -1,5 +1,7 @@
 """Token log-probs and entropies, against log_softmax references and unpadded model runs."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -171,3 +173,209 @@ def test_policy_logprobs_rejects_bad_response_width(tiny_models):
     input_ids, attention_mask, _ = _batch()
     with pytest.raises(ValueError, match="num_response_tokens"):
         policy_logprobs(tiny_models["qwen2"], input_ids, attention_mask, input_ids.shape[1])
+
+
+# -- token_chunk: the fused head inside the model's forward --------------------------------------
+
+
+def _weighted_loss(logprobs, entropy, attention_mask, r_len):
+    """A loss touching every real response token with its own weight (log-probs and entropies)."""
+    mask = attention_mask[:, -r_len:].float()  # [N, R]
+    weights = torch.arange(1.0, 1.0 + mask.numel()).reshape(mask.shape) / mask.numel()
+    loss = (logprobs * weights * mask).sum()
+    if entropy is not None and entropy.requires_grad:
+        loss = loss - 0.5 * (entropy * weights.flip(-1) * mask).sum()
+    return loss
+
+
+def _values_and_grads(model, input_ids, attention_mask, r_len, *, fallback=False, **kwargs):
+    """(log-probs, entropies) at real response tokens, and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logprobs, entropy = policy_logprobs(model, input_ids, attention_mask, r_len, **kwargs)
+    fell_back = any("not applied" in str(w.message) for w in caught)
+    assert fell_back == fallback, [str(w.message) for w in caught]
+    _weighted_loss(logprobs, entropy, attention_mask, r_len).backward()
+    mask = attention_mask[:, -r_len:].bool()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logprobs.detach()[mask], None if entropy is None else entropy.detach()[mask], grads
+
+
+def _assert_same(fused, full, atol=1e-6):
+    torch.testing.assert_close(fused[0], full[0], atol=atol, rtol=0)
+    if full[1] is None:
+        assert fused[1] is None
+    else:
+        torch.testing.assert_close(fused[1], full[1], atol=atol, rtol=0)
+    assert fused[2].keys() == full[2].keys() and full[2]  # the same parameters got gradients
+    for name, grad in full[2].items():
+        torch.testing.assert_close(fused[2][name], grad, atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gpt2"])  # gpt2: tied embeddings, absolute positions
+@pytest.mark.parametrize(
+    ("with_entropy", "entropy_grad", "token_chunk"),
+    [(True, True, 3), (True, True, 1000), (True, False, 2), (False, True, 3)],
+)
+def test_token_chunk_matches_full_logits(
+    tiny_models, name, with_entropy, entropy_grad, token_chunk
+):
+    model = tiny_models[name]
+    input_ids, attention_mask, r_len = _batch()
+    kwargs = {"temperature": 0.7, "with_entropy": with_entropy, "entropy_grad": entropy_grad}
+    full = _values_and_grads(model, input_ids, attention_mask, r_len, **kwargs)
+    fused = _values_and_grads(
+        model, input_ids, attention_mask, r_len, token_chunk=token_chunk, **kwargs
+    )
+    _assert_same(fused, full)
+    if name == "gpt2":  # one tensor serves as embedding and head: both uses reach its gradient
+        assert model.lm_head.weight is model.transformer.wte.weight
+    assert isinstance(model.lm_head, nn.Linear)  # the original head is back
+
+
+def test_token_chunk_under_gradient_checkpointing():
+    torch.manual_seed(1)
+    config = Qwen2Config(
+        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config).train()  # no dropout in Qwen2: train mode is deterministic
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    input_ids, attention_mask, r_len = _batch()
+    kwargs = {"temperature": 0.7, "with_entropy": True}
+    full = _values_and_grads(model, input_ids, attention_mask, r_len, **kwargs)
+    fused = _values_and_grads(model, input_ids, attention_mask, r_len, token_chunk=2, **kwargs)
+    _assert_same(fused, full)
+
+
+def _shared_batch():
+    """Two prompts with two responses each (GRPO groups): rows 0-1 and 2-3 share a prompt."""
+    prompts = [[5, 6, 7], [5, 6, 7], [8, 9, 10, 11], [8, 9, 10, 11]]
+    responses = [[13, 14, 15], [16, 17], [18, 19, 20], [21]]
+    ids, mask = [], []
+    for prompt, response in zip(prompts, responses, strict=True):
+        left, right = 4 - len(prompt), 3 - len(response)
+        ids.append([PAD] * left + prompt + response + [PAD] * right)
+        mask.append([0] * left + [1] * (len(prompt) + len(response)) + [0] * right)
+    return torch.tensor(ids), torch.tensor(mask), 3
+
+
+class _CallCounter(nn.Module):
+    """Counts forward calls (and takes every keyword the shared-prompt passes use)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        use_cache,
+        past_key_values=None,
+        logits_to_keep=0,
+    ):
+        self.calls += 1
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=use_cache, past_key_values=past_key_values, logits_to_keep=logits_to_keep,
+        )  # fmt: skip
+
+
+def test_token_chunk_with_shared_prompts(tiny_models):
+    counter = _CallCounter(tiny_models["qwen2"])
+    input_ids, attention_mask, r_len = _shared_batch()
+    kwargs = {"temperature": 0.7, "with_entropy": True}
+    shared_full = _values_and_grads(
+        counter, input_ids, attention_mask, r_len, share_prompts=True, **kwargs
+    )
+    counter.calls = 0
+    shared_fused = _values_and_grads(
+        counter, input_ids, attention_mask, r_len, share_prompts=True, token_chunk=2, **kwargs
+    )
+    assert counter.calls == 2  # the prompts ran once (pass 1), then the responses (pass 2)
+    _assert_same(shared_fused, shared_full)
+    plain = _values_and_grads(counter, input_ids, attention_mask, r_len, **kwargs)
+    _assert_same(shared_fused, plain, atol=1e-5)  # sharing itself: same function, other rounding
+
+
+def test_token_chunk_falls_back_for_soft_capped_logits():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+    )  # fmt: skip
+    assert config.final_logit_softcapping  # tanh soft-cap after the head: the fused head is wrong
+    model = Gemma2ForCausalLM(config).eval()
+    input_ids, attention_mask, r_len = _batch()
+    full = _values_and_grads(model, input_ids, attention_mask, r_len, with_entropy=True)
+    fallback = _values_and_grads(
+        model, input_ids, attention_mask, r_len, with_entropy=True, token_chunk=2, fallback=True
+    )  # warned: "not applied"
+    _assert_same(fallback, full, atol=0)
+
+
+class _ScaledQwen2(Qwen2ForCausalLM):
+    """Claims to be a Qwen2 but rescales its logits after the head."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+
+def test_token_chunk_refuses_a_model_that_changes_its_logits(tiny_models):
+    torch.manual_seed(0)
+    model = _ScaledQwen2(tiny_models["qwen2"].config).eval()
+    head = model.lm_head
+    input_ids, attention_mask, r_len = _batch()
+    with pytest.raises(RuntimeError, match="unchanged"):
+        policy_logprobs(model, input_ids, attention_mask, r_len, token_chunk=2)
+    assert model.lm_head is head  # restored on the error path too
+
+
+def test_token_chunk_saves_no_vocabulary_sized_tensor():
+    """What autograd keeps for backward: [tokens, vocab] float32 tensors on the full path, none
+    with the fused head (its chunks' logits are recomputed in backward)."""
+    torch.manual_seed(0)
+    vocab = 1000  # larger than every other dimension, so its tensors are recognisable
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config)
+    params = {p.data_ptr() for p in model.parameters()}
+    input_ids, attention_mask, r_len = _batch()
+    num_rows = input_ids.shape[0]
+
+    def saved_vocab_bytes(**kwargs) -> int:
+        saved = []
+
+        def pack(tensor):
+            if tensor.data_ptr() not in params and tensor.shape[-1] == vocab:
+                saved.append(tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            logprobs, entropy = policy_logprobs(
+                model,
+                input_ids,
+                attention_mask,
+                r_len,
+                temperature=0.7,
+                with_entropy=True,
+                **kwargs,
+            )
+        # Each distinct storage once (views of one tensor are saved several times).
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+        return sum(storages.values())
+
+    one_copy = num_rows * r_len * vocab * 4  # [N, R, V] float32
+    # Full logits: the scaled logits (kept by logsumexp and the entropy's product) and the softmax.
+    assert saved_vocab_bytes() >= 2 * one_copy
+    assert saved_vocab_bytes(token_chunk=2) == 0
