@@ -71,19 +71,92 @@ def _pid_alive(pid: int) -> bool:
 
 
 class TrainingStepCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose ``every_n_train_steps`` counts training steps (``module.step_count``).
+    """ModelCheckpoint that counts training steps (``module.step_count``) and follows evaluation.
 
-    Lightning's count is ``global_step``, which advances by one or two per training step here
-    (RL and SFT optimizer steps), so "every 50" would fire irregularly.
+    - ``last.ckpt`` is written every ``every_n_train_steps`` training steps and after the final
+      one, so it always holds what the run ended with (Lightning counts ``global_step``, which
+      advances by one or two per training step here: RL and SFT optimizer steps).
+    - With ``monitor`` on an evaluation metric (``val/...``), a top-k checkpoint is considered
+      at every step that evaluated (the evaluation callback runs first in the same hook), never
+      at a step whose ``val/...`` values are left over from an older evaluation; without a
+      monitor, top-k saves follow the period like ``last``.
+    - ``export_hf``: the final policy is also written as a Hugging Face model directory
+      ``<export_dir>/final_model`` and, when a monitored checkpoint becomes the best,
+      ``<export_dir>/best_model``.
+    - Nothing is saved at epoch ends or in ``on_train_end`` (a preempted run has just written
+      ``preempted.ckpt``; a finished run resumed for nothing must not rewrite ``last.ckpt``).
+
+    Args:
+        export_hf: write ``final_model`` / ``best_model`` directories.
+        export_dir: where they go (the run directory).
+        export_dtype: ``auto`` (the source checkpoint's dtype) or a torch dtype name.
+        **kwargs: ModelCheckpoint's arguments.
     """
 
+    def __init__(self, *args: Any, export_hf: bool = False, export_dir: str | None = None,
+                 export_dtype: str = "auto", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if export_hf and not export_dir:
+            raise ValueError("callbacks.checkpoint.export_dir must be set when export_hf is true")
+        self.export_hf = export_hf
+        self.export_dir = Path(export_dir) if export_dir else None
+        self.export_dtype = export_dtype
+        self._last_step_saved = -1
+
     def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
+        step = pl_module.step_count
+        if pl_module.preempted or step == self._last_step_saved or trainer.sanity_checking:
+            return  # (Lightning's own skip test compares global_step, which a skipped step keeps)
         n = self._every_n_train_steps
-        if n < 1 or pl_module.step_count % n or self._should_skip_saving_checkpoint(trainer):
-            return
+        final = step >= pl_module.max_steps
+        periodic = n >= 1 and step % n == 0
         candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+        best_before = self.best_model_path
+        if self.monitor is None and periodic or self.monitor is not None and self._evaluated_at(trainer, step):
+            self._save_topk_checkpoint(trainer, candidates)
+        if periodic or final:
+            self._save_last_checkpoint(trainer, candidates)
+        self._last_step_saved = step
+        if not self.export_hf:
+            return
+        if self.monitor is not None and self.best_model_path != best_before:
+            self._export(trainer, pl_module, "best_model")
+        if final:
+            self._export(trainer, pl_module, "final_model")
+
+    def _evaluated_at(self, trainer, step: int) -> bool:
+        """Whether ``val/...`` metrics in ``callback_metrics`` come from an evaluation at ``step``."""
+        if self.monitor is None or not self.monitor.startswith("val/"):
+            return True  # a training metric is fresh at every step
+        from callbacks.evaluation import BenchmarkEvaluation
+
+        return any(
+            getattr(c, "last_eval_step", -1) == step
+            for c in trainer.callbacks if isinstance(c, BenchmarkEvaluation)
+        )  # fmt: skip
+
+    def _save_last_checkpoint(self, trainer, candidates) -> None:
+        if self.save_last == "link" and self._last_checkpoint_saved and self._last_global_step_saved != trainer.global_step:
+            # Lightning would link last.ckpt to an older top-k file: write it instead.
+            self._save_checkpoint(trainer, self.format_checkpoint_name(candidates, self.CHECKPOINT_NAME_LAST))
+            self.last_model_path = self._last_checkpoint_saved
+            return
+        super()._save_last_checkpoint(trainer, candidates)
+
+    def _export(self, trainer, pl_module, name: str) -> None:
+        from relift_pl.export import export_hf
+
+        template = getattr(trainer.datamodule, "template", None)
+        export_hf(pl_module.policy, pl_module.tokenizer, self.export_dir / name, template, self.export_dtype)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        pass
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        pass
 
 
 def check_checkpoint_file(path: str | Path) -> Path:

@@ -1,0 +1,101 @@
+"""Checkpoints hold what the run did: the final step, under the same names after a resume, the
+best one chosen on a fresh evaluation, and the final policy as a Hugging Face model directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import compose_cfg
+from relift_pl.train import fit
+from toy_overrides import QUICK_TOY
+
+RUN = [
+    *QUICK_TOY,
+    "logger=csv",
+    "callbacks.progress_bar=null",
+    "callbacks.evaluation.before_training=false",
+    "callbacks.evaluation.after_training=false",
+]
+
+
+def _step_of(path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["relift"]["step_count"]
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+    out = tmp_path_factory.mktemp("three")
+    result = fit(compose_cfg([*RUN, "max_steps=3", "callbacks.checkpoint.every_n_train_steps=2"],
+                             output_dir=out))
+    return result, out
+
+
+def test_last_checkpoint_holds_the_final_step(three_steps):
+    result, out = three_steps
+    folder = out / "checkpoints"
+    # Period 2 over 3 steps: step-2 on the period, and last.ckpt = step 3, the model the run ends with.
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step-000002.ckpt"]
+    assert _step_of(folder / "last.ckpt") == 3 == result.module.step_count
+    assert _step_of(folder / "step-000002.ckpt") == 2
+
+
+def test_final_model_is_the_trained_policy_with_its_tokenizer(three_steps):
+    result, out = three_steps
+    final = out / "final_model"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    trained = result.module.policy.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name]), name  # toy base: float32 in, float32 out
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.chat_template == result.module.tokenizer.chat_template
+    assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] is not None
+    assert not list(out.glob("final_model.tmp*")) and not (out / "final_model.old").exists()
+
+
+def test_resume_keeps_writing_last_and_a_finished_run_does_not_train_on(tmp_path):
+    out = tmp_path / "run"
+    fit(compose_cfg([*RUN, "max_steps=2", "callbacks.checkpoint.every_n_train_steps=1"], output_dir=out))
+    resumed = fit(compose_cfg(
+        [*RUN, "max_steps=4", "callbacks.checkpoint.every_n_train_steps=1", "ckpt_path=last"],
+        output_dir=out,
+    ))  # fmt: skip
+    folder = out / "checkpoints"
+    assert resumed.module.step_count == 4
+    assert not list(folder.glob("last-v*")), sorted(p.name for p in folder.iterdir())
+    assert _step_of(folder / "last.ckpt") == 4
+    # Resumed again with the same max_steps (a requeue of a finished job): no step, no rewrite.
+    before = (folder / "last.ckpt").stat().st_mtime_ns
+    again = fit(compose_cfg(
+        [*RUN, "max_steps=4", "callbacks.checkpoint.every_n_train_steps=1", "ckpt_path=last"],
+        output_dir=out,
+    ))  # fmt: skip
+    assert again.module.step_count == 4 and again.module.rl_step == resumed.module.rl_step
+    assert (folder / "last.ckpt").stat().st_mtime_ns == before
+
+
+def test_best_checkpoint_is_chosen_on_a_fresh_evaluation(tmp_path):
+    # Checkpoints every 2 steps, evaluations every 4: step 2 has only the step-0 score, which
+    # must not make it "best". Top-k checkpoints are considered where evaluations happened.
+    out = tmp_path / "run"
+    result = fit(compose_cfg([
+        *RUN, "max_steps=6", "callbacks.checkpoint.every_n_train_steps=2",
+        "callbacks.evaluation.every_n_steps=4", "callbacks.evaluation.before_training=true",
+        "callbacks.evaluation.after_training=true",
+        "callbacks.checkpoint.monitor=val/avg", "callbacks.checkpoint.save_top_k=1",
+        "callbacks.checkpoint.filename='best-{step:.0f}'",
+    ], output_dir=out))  # fmt: skip
+    callback = result.trainer.checkpoint_callback
+    evaluated = {step: values["val/avg"] for step, values in
+                 next(c for c in result.trainer.callbacks if hasattr(c, "history")).history}
+    assert sorted(evaluated) == [0, 4, 6]
+    best_step = _step_of(callback.best_model_path)
+    assert best_step in (4, 6)
+    assert float(callback.best_model_score) == pytest.approx(max(evaluated[4], evaluated[6]))
+    assert _step_of(out / "checkpoints" / "last.ckpt") == 6
+    # The best policy is exported next to the final one.
+    assert (out / "best_model" / "model.safetensors").exists()
+    assert (out / "final_model" / "model.safetensors").exists()
