@@ -1,25 +1,31 @@
-"""``evaluate(cfg)``: scores a model directory or a training checkpoint on the benchmark suite.
+"""``evaluate(cfg)``: scores a training run, a model directory or a checkpoint on the benchmarks.
 
 It builds the policy, rollout engine, reward and eval sets exactly as training does
 (:func:`relift_pl.train.build`) and scores them with the training run's own
 :class:`callbacks.BenchmarkEvaluation`, so a number here and one logged during training mean the
-same thing. It runs in one process (one CPU or one GPU).
+same thing. With ``run_dir=<a train.py run folder>`` the run's saved config is the config (its
+data, eval sets, sampling settings and engine) and its final weights are scored, so the numbers
+are the run's final evaluation. It runs in one process (one CPU or one GPU).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from callbacks.evaluation import BenchmarkEvaluation, SetScore, metrics_of
-from relift_pl.checkpoint import check_checkpoint_file
+from relift_pl.checkpoint import RESUMABLE_NAMES, check_checkpoint_file, resolve_ckpt_path
 from relift_pl.module import ReLIFTModule
 from relift_pl.results import write_results
 from relift_pl.train import build
@@ -60,6 +66,84 @@ def load_checkpoint_weights(module: ReLIFTModule, ckpt_path: str) -> None:
         module.on_load_checkpoint(checkpoint)  # step counters: metrics are logged at that step
 
 
+FINAL_MODEL = "final_model"
+"""A run's exported Hugging Face model (weights and tokenizer), preferred to its checkpoints."""
+# This job's own settings, never the run's: where results go and how they are logged.
+_JOB_KEYS = ("paths.output_dir", "logger", "run_dir", "ckpt_path")
+
+
+def _raw(cfg: DictConfig, key: str):
+    """The value at dotted ``key``, interpolations kept (they resolve in the config it joins)."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return OmegaConf.to_container(node, resolve=False)[leaf]
+
+
+def _command_line_overrides() -> list[str]:
+    """The overrides of this ``evaluate.py`` job (none when not started by Hydra)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> DictConfig:
+    """The config to score the run in ``cfg.run_dir`` with: its saved ``.hydra/config.yaml``,
+    this job's output folder and logger, the explicit ``overrides`` on top, and its weights:
+    ``final_model/`` if present, else the newer of ``checkpoints/{last,preempted}.ckpt``
+    (unless the overrides name ``ckpt_path``, ``model`` or ``model.name_or_path``).
+
+    Args:
+        cfg: this job's composed config (the overrides already applied to it).
+        overrides: this job's command-line overrides; default: Hydra's record of them.
+    """
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(
+            f"run_dir={run_dir} has no .hydra/config.yaml: pass the folder of a train.py run "
+            "(outputs/<date>/<time>, or its hydra.run.dir)"
+        )
+    run = OmegaConf.load(saved)
+    overrides = _command_line_overrides() if overrides is None else list(overrides)
+    explicit = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        # A group override (trainer=gpu) replaces the node its package names; a value, its key.
+        key = override.package or override.key_or_group.replace("/", ".")
+        if key == "hydra" or key.startswith("hydra."):
+            continue
+        if override.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(run, parent) if parent else run
+            if isinstance(node, DictConfig) and leaf in node:
+                del node[leaf]
+            continue
+        if OmegaConf.select(cfg, key, default=KeyError, throw_on_resolution_failure=False) is KeyError:
+            raise ValueError(
+                f"run_dir: the override {override.input_line} sets keys across the config (a "
+                "global group such as experiment=); with run_dir=, override single keys"
+            )
+        explicit.append(key)
+    for key in dict.fromkeys([*_JOB_KEYS, *explicit]):
+        OmegaConf.update(run, key, _raw(cfg, key), merge=False, force_add=True)
+    if not any(k in ("ckpt_path", "model", "model.name_or_path") for k in explicit):
+        if (run_dir / FINAL_MODEL).is_dir():
+            run.model.name_or_path, run.model.build = str(run_dir / FINAL_MODEL), None
+        else:
+            try:
+                run.ckpt_path = resolve_ckpt_path("last", run_dir)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(
+                    f"run_dir={run_dir} has no {FINAL_MODEL}/ and no checkpoints/"
+                    f"{' or '.join(RESUMABLE_NAMES)}: pass ckpt_path=<one of its checkpoints>"
+                ) from err
+    OmegaConf.set_struct(run, True)
+    return run
+
+
+def _final_step(run_dir: Path) -> int:
+    """The training steps of a finished run (its ``summary.json``); 0 if it has none."""
+    summary = run_dir / "summary.json"
+    return int(json.loads(summary.read_text())["steps"]) if summary.is_file() else 0
+
+
 def _progress_bar(eval_sets, limits) -> tuple[Progress, dict[str, int]]:
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -73,8 +157,16 @@ def _progress_bar(eval_sets, limits) -> tuple[Progress, dict[str, int]]:
     return bar, tasks
 
 
-def evaluate(cfg: DictConfig) -> EvalResult:
-    """Runs the evaluation job; writes ``results.{md,csv,png}`` into ``cfg.paths.output_dir``."""
+def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> EvalResult:
+    """Runs the evaluation job; writes ``results.{md,csv,png}`` into ``cfg.paths.output_dir``.
+
+    Args:
+        cfg: the composed ``evaluate`` config.
+        overrides: with ``cfg.run_dir``, the explicit overrides to lay over the run's config
+            (default: this job's command line, see :func:`run_config`).
+    """
+    if cfg.get("run_dir"):
+        cfg = run_config(cfg, overrides)
     if cfg.model.get("build") is not None and cfg.model.get("name_or_path"):
         raise ValueError(
             "model.name_or_path and model.build are both set (model=tiny builds the toy base): use "
@@ -87,6 +179,8 @@ def evaluate(cfg: DictConfig) -> EvalResult:
         raise ValueError("evaluate.py runs in one process: use trainer=cpu or trainer=gpu")
     if cfg.get("ckpt_path"):
         load_checkpoint_weights(module, cfg.ckpt_path)
+    elif cfg.get("run_dir") and cfg.model.name_or_path == str(Path(cfg.run_dir) / FINAL_MODEL):
+        module.step_count = _final_step(Path(cfg.run_dir))  # logged at the run's last step
     evaluation = next(
         (c for c in trainer.callbacks if isinstance(c, BenchmarkEvaluation)), None
     ) or instantiate(cfg.callbacks.evaluation)
@@ -112,12 +206,18 @@ def evaluate(cfg: DictConfig) -> EvalResult:
         logger.log_metrics(metrics, step=module.step_count)
         logger.finalize("success")
     sampling = evaluation.sampling
+    ks = {s.name: s.k for s in scores}
     header = {
+        **({"run": str(cfg.run_dir)} if cfg.get("run_dir") else {}),
         "model": str(cfg.get("ckpt_path") or cfg.model.name_or_path or "model.build (toy base)"),
-        "sampling": f"k={sampling.n}, temperature={sampling.temperature}, top_p={sampling.top_p}, "
+        "k": str(sampling.n) if set(ks.values()) == {sampling.n}
+        else ", ".join(f"{name}={k}" for name, k in ks.items()),
+        "sampling": f"temperature={sampling.temperature}, top_p={sampling.top_p}, "
         f"max_new_tokens={sampling.max_new_tokens}",
+        "grading": f"{metrics['val/reward_timeouts']} timeouts, "
+        f"{metrics['val/reward_failures']} failures (scored 0)",
         "date": datetime.now().isoformat(timespec="seconds"),
-    }
+    }  # fmt: skip
     files = write_results(scores, out_dir, header)
     print(files["md"].read_text())
     print(f"results written to {out_dir}")

@@ -22,36 +22,45 @@ def _average(scores: Sequence[SetScore]) -> tuple[float, float]:
     return sum(s.avg_at_k for s in scores) / n, sum(s.pass_at_k for s in scores) / n
 
 
+def _k_label(scores: Sequence[SetScore]) -> str:
+    """``"4"`` when every set has k=4; ``"k"`` when the sets' k differ (each row states its k)."""
+    ks = {s.k for s in scores}
+    return str(ks.pop()) if len(ks) == 1 else "k"
+
+
 def write_csv(scores: Sequence[SetScore], path: Path) -> None:
     """One row per benchmark plus the average; values as fractions in [0, 1], unrounded."""
-    k = scores[0].k if scores else 0
+    k = _k_label(scores)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["benchmark", f"avg@{k}", f"pass@{k}", "problems", "k"])
         for s in scores:
             writer.writerow([s.name, repr(s.avg_at_k), repr(s.pass_at_k), s.num_problems, s.k])
         avg, pas = _average(scores)
-        writer.writerow([AVERAGE, repr(avg), repr(pas), sum(s.num_problems for s in scores), k])
+        total = sum(s.num_problems for s in scores)
+        writer.writerow([AVERAGE, repr(avg), repr(pas), total, "" if k == "k" else k])
 
 
 def markdown_table(scores: Sequence[SetScore], header: Mapping[str, str] | None = None) -> str:
     """The table in percent with one decimal (the paper's style), under a short header."""
-    k = scores[0].k if scores else 0
+    k = _k_label(scores)
     lines = ["# Evaluation results", ""]
     lines += [f"- {key}: {value}" for key, value in (header or {}).items()]
-    lines += ["", f"| benchmark | avg@{k} (%) | pass@{k} (%) | problems |", "|---|---:|---:|---:|"]
+    lines += ["", f"| benchmark | k | avg@{k} (%) | pass@{k} (%) | problems |", "|---|---:|---:|---:|---:|"]
     for s in scores:
-        lines.append(f"| {s.name} | {100 * s.avg_at_k:.1f} | {100 * s.pass_at_k:.1f} | {s.num_problems} |")
+        lines.append(
+            f"| {s.name} | {s.k} | {100 * s.avg_at_k:.1f} | {100 * s.pass_at_k:.1f} | {s.num_problems} |"
+        )
     avg, pas = _average(scores)
     total = sum(s.num_problems for s in scores)
-    lines.append(f"| **{AVERAGE}** | **{100 * avg:.1f}** | **{100 * pas:.1f}** | {total} |")
+    lines.append(f"| **{AVERAGE}** | | **{100 * avg:.1f}** | **{100 * pas:.1f}** | {total} |")
     return "\n".join(lines) + "\n"
 
 
 def write_plot(scores: Sequence[SetScore], path: Path, title: str = "") -> None:
     """Grouped bars: avg@k and pass@k per benchmark, in percent."""
-    k = scores[0].k if scores else 0
-    names = [s.name for s in scores]
+    k = _k_label(scores)
+    names = [s.name if k != "k" else f"{s.name} (k={s.k})" for s in scores]
     x = range(len(names))
     width = 0.4
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4))

@@ -3,44 +3,88 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+_AVG_AT_K = re.compile(r"^val/(.+)/avg@(\d+)$")
+NONE = "-"
+
 
 @dataclass
 class RunSummary:
-    before: dict[str, float]
-    after: dict[str, float]
+    before: dict[str, float] | None
+    """The evaluation at step 0; None (null in summary.json) when the run did not evaluate it."""
+    after: dict[str, float] | None
+    """The newest evaluation after step 0 (at ``after_step``); None when there was none."""
     steps: int
     rl_steps: int
     sft_steps: int
     demos_used: int
     demos_available: int
     wall_seconds: float
-    k: int
+    k: int | dict[str, int]
+    """Samples per problem: one k for every set, or ``{set: k}``."""
     extra: dict[str, float] = field(default_factory=dict)
+    after_step: int | None = None
+    """The training step of ``after`` (``steps`` unless the run stopped without evaluating)."""
+    preempted: bool = False
+    """The run stopped on a signal at ``steps``, without its final evaluation."""
+
+    @staticmethod
+    def before_and_after(
+        history: Sequence[tuple[int, dict[str, float]]],
+    ) -> tuple[dict[str, float] | None, int | None, dict[str, float] | None]:
+        """``(before, after_step, after)`` from an evaluation history of ``(step, metrics)``.
+
+        "before" is the evaluation at step 0 only (not the first one, which may come after training
+        started); "after" is the newest one after step 0. Either is None when there is none, so a
+        run evaluated once never shows the same numbers as both.
+        """
+        before = next((metrics for step, metrics in history if step == 0), None)
+        after_step, after = next(((s, m) for s, m in reversed(history) if s > 0), (None, None))
+        return before, after_step, after
 
     def save(self, path: str | Path) -> None:
         """Writes the summary as JSON (what scripts aggregating many runs read)."""
         Path(path).write_text(json.dumps(asdict(self), indent=1))
 
-    def sets(self) -> list[str]:
-        suffix = f"/avg@{self.k}"
-        return [key[len("val/") : -len(suffix)] for key in self.after if key.endswith(suffix)]
+    def sets(self) -> list[tuple[str, int]]:
+        """``(set name, k)`` of every set in either evaluation, in logged order."""
+        keys = [*(self.after or {}), *(self.before or {})]
+        found = [m.groups() for m in map(_AVG_AT_K.match, keys) if m]
+        return list(dict.fromkeys((name, int(k)) for name, k in found))
+
+    def _title(self, ks: set[int]) -> str:
+        accuracy = f"avg@{ks.pop()}" if len(ks) == 1 else "avg@k of each set"
+        return f"relift-pl run summary (accuracy = {accuracy})"
+
+    def _caption(self) -> str | None:
+        if not self.preempted:
+            return None
+        if self.after_step is None:
+            return (f"preempted at step {self.steps}: no evaluation after step 0, so no "
+                    '"after"; resume with ckpt_path=last to finish')  # fmt: skip
+        return f'preempted at step {self.steps}: "after" is the evaluation at step {self.after_step}'
 
     def table(self) -> Table:
-        table = Table(title=f"relift-pl run summary (accuracy = avg@{self.k})")
+        sets = self.sets()
+        mixed = len({k for _, k in sets}) > 1
+        table = Table(title=self._title({k for _, k in sets}), caption=self._caption())
         table.add_column("eval set")
         table.add_column("before", justify="right")
-        table.add_column("after", justify="right")
+        stale = self.after_step is not None and self.after_step != self.steps
+        table.add_column(f"after (step {self.after_step})" if stale else "after", justify="right")
         table.add_column("change", justify="right")
-        for name in self.sets() + ["avg"]:
-            key = f"val/{name}/avg@{self.k}" if name != "avg" else "val/avg"
-            before, after = self.before.get(key, float("nan")), self.after.get(key, float("nan"))
-            table.add_row(name, f"{before:.1%}", f"{after:.1%}", f"{after - before:+.1%}")
+        rows = [(f"{name} (avg@{k})" if mixed else name, f"val/{name}/avg@{k}") for name, k in sets]
+        for label, key in [*rows, ("avg", "val/avg")]:
+            before, after = (None if m is None else m.get(key) for m in (self.before, self.after))
+            change = NONE if before is None or after is None else f"{after - before:+.1%}"
+            table.add_row(label, *(NONE if v is None else f"{v:.1%}" for v in (before, after)), change)
         table.add_section()
         frac = self.demos_used / max(self.demos_available, 1)
         table.add_row("training steps", "", str(self.steps), "")

@@ -96,17 +96,22 @@ def fit(cfg: DictConfig) -> FitResult:
     trainer, module, datamodule = build(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     evaluation = next((c for c in trainer.callbacks if isinstance(c, BenchmarkEvaluation)), None)
+    # "before" is the step-0 evaluation only, "after" the newest later one (either may be None).
     history = evaluation.history if evaluation else []
+    before, after_step, after = RunSummary.before_and_after(history)
+    eval_sets = getattr(datamodule, "eval_sets", None) or {}
     summary = RunSummary(
-        before=history[0][1] if history else {},
-        after=history[-1][1] if history else {},
+        before=before,
+        after=after,
+        after_step=after_step,
+        preempted=module.preempted,
         steps=module.step_count,
         rl_steps=module.rl_step,
         sft_steps=module.sft_step,
         demos_used=len(module.demos_used),
         demos_available=datamodule.demos_available,
         wall_seconds=time.time() - started,
-        k=evaluation.k if evaluation else 1,
+        k={name: evaluation.k_of(name) for name in eval_sets} if evaluation else {},
     )
     if trainer.is_global_zero:
         summary.print()

@@ -98,7 +98,7 @@ def assert_results_match_logs(out: Path, result) -> None:
         assert float(avg) == logged[f"val/{name}/avg@2"] == result.metrics[f"val/{name}/avg@2"]
         assert float(pas) == logged[f"val/{name}/pass@2"]
         assert (problems, k) == ("4", "2")  # callbacks.evaluation.max_problems=4, k=2
-        row = re.search(rf"^\| {name} \| ([\d.]+) \| ([\d.]+) \| 4 \|$", markdown, re.M)
+        row = re.search(rf"^\| {name} \| 2 \| ([\d.]+) \| ([\d.]+) \| 4 \|$", markdown, re.M)
         assert row, markdown
         assert row.groups() == (f"{100 * float(avg):.1f}", f"{100 * float(pas):.1f}")
     assert float(table["average"][0]) == pytest.approx(logged["val/avg"])
