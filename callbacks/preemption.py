@@ -44,25 +44,48 @@ class PreemptionCheckpoint(L.Callback):
                 "training step, then stopping (Ctrl-C again stops at once, without one).\n"
             ).encode())
 
-    def on_train_start(self, trainer: L.Trainer, module) -> None:
+    def setup(self, trainer: L.Trainer, module, stage: str) -> None:
+        # Installed from setup on: a signal while the model loads or the first evaluation runs
+        # (long at 7B) must still end in a checkpoint and a clean stop, not a silent exit 0.
         self._announce = trainer.is_global_zero
-        # Installed after Lightning's own handlers, replacing them for the duration of training:
-        # Lightning would stop on SIGTERM without a checkpoint, and on SIGINT mid-step.
+        self._install()
+        # First in the callback list, so on_train_start reinstalls our handler before the
+        # evaluation callback's on_train_start runs the before-training evaluation.
+        trainer.callbacks.remove(self)
+        trainer.callbacks.insert(0, self)
+
+    def on_train_start(self, trainer: L.Trainer, module) -> None:
+        # Lightning registers its own SIGTERM handler just before training starts (it kills the
+        # other ranks' processes and broadcasts from inside the handler): replace it again.
+        self._install()
+
+    def _install(self) -> None:
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            previous = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, previous)
 
     def _restore_handlers(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._previous.clear()
+
+    def _stop_agreed(self, module) -> bool:
+        """Whether any rank got a signal (one tiny all-reduce: every rank stops at the same step)."""
+        flag = torch.tensor(1.0 if self.received is not None else 0.0, device=module.device)
+        return float(all_reduce_sum(flag)) > 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, module, *args) -> None:
+        # A signal that came before this step (during setup or an evaluation): stop before it.
+        if not module.preempted and self._stop_agreed(module):
+            self._save_and_stop(trainer, module)
 
     def on_train_batch_end(self, trainer: L.Trainer, module, *args) -> None:
-        flag = torch.tensor(1.0 if self.received is not None else 0.0, device=module.device)
-        if float(all_reduce_sum(flag)) == 0:
-            return
+        if self._stop_agreed(module):
+            self._save_and_stop(trainer, module)
+
+    def _save_and_stop(self, trainer: L.Trainer, module) -> None:
         self.saved_path = self.dirpath / "preempted.ckpt"
         trainer.save_checkpoint(self.saved_path)
-        module.preempted = True
+        module.preempted = True  # the module skips any further step
         trainer.should_stop = True
         if trainer.is_global_zero:
             name = signal.Signals(self.received).name if self.received else "a signal on another rank"
@@ -74,6 +97,10 @@ class PreemptionCheckpoint(L.Callback):
             )
 
     def on_train_end(self, trainer: L.Trainer, module) -> None:
+        self._restore_handlers()
+
+    def teardown(self, trainer: L.Trainer, module, stage: str) -> None:
+        # Lightning's own teardown reinstalls the handler it found at registration (ours).
         self._restore_handlers()
 
     def on_exception(self, trainer: L.Trainer, module, exception: BaseException) -> None:
