@@ -1,4 +1,5 @@
-"""The algorithm's knobs, as one dataclass that Hydra fills from ``conf/algorithm/*.yaml``."""
+"""The algorithm's knobs, as one dataclass that Hydra fills from ``conf/algorithm/*.yaml``, and
+:class:`ConfigError`, the error every config check raises."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
+
+
+class ConfigError(ValueError):
+    """A bad config value, found before any model loads. The message is one line that names the
+    key and says what to do; train.py / evaluate.py print it without a traceback."""
 
 
 @dataclass
@@ -33,6 +39,15 @@ class AlgorithmConfig:
     """Log-prob passes run each distinct prompt once and its G responses against that prompt's KV
     cache (same values and gradients up to float32 rounding; the prompt's cost drops G-fold).
     Off under FSDP2, and whenever the model cannot (gradient checkpointing)."""
+    logprob_token_chunk: int | None = None
+    """Log-probs and entropies from the final hidden states this many tokens at a time inside
+    the model's forward, recomputed in backward: no [tokens, vocab] logits are ever held (at a
+    152k vocabulary, a 32k-token micro-batch is ~20 GB of float32 logits per copy). None: full
+    logits (fine for small vocabularies and budgets)."""
+    defer_grad_sync: bool = True
+    """Under FSDP2, reduce-scatter gradients once per optimizer step (on the last micro-batch)
+    instead of after every micro-batch. Costs a full-size float32 unsharded gradient per rank
+    while micro-batches accumulate (see scripts/plan_memory.py); off saves that memory."""
     offload_sft_optimizer: bool = False
     """Keep the SFT AdamW's moments on the CPU between SFT steps (two Adam states over one
     model do not fit otherwise at 7B scale; the reference offloads too)."""
@@ -80,13 +95,15 @@ class AlgorithmConfig:
     def validate(self) -> None:
         def need(ok: bool, key: str, rule: str, value) -> None:
             if not ok:
-                raise ValueError(f"algorithm.{key} must be {rule}, got {value!r}")
+                raise ConfigError(f"algorithm.{key} must be {rule}, got {value!r}")
 
         need(self.group_size >= 2 or not self.rl_enabled, "group_size", ">= 2 (GRPO compares samples within a group)", self.group_size)
         need(self.num_mini_batches >= 1, "num_mini_batches", ">= 1", self.num_mini_batches)
         need(self.micro_batch_size >= 1, "micro_batch_size", ">= 1", self.micro_batch_size)
         need(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
              "max_tokens_per_micro_batch", ">= 1 or null", self.max_tokens_per_micro_batch)
+        need(self.logprob_token_chunk is None or self.logprob_token_chunk >= 1,
+             "logprob_token_chunk", ">= 1 or null", self.logprob_token_chunk)
         need(self.sft_micro_batch_size >= 1, "sft_micro_batch_size", ">= 1", self.sft_micro_batch_size)
         need(self.rl_grad_clip > 0, "rl_grad_clip", "> 0", self.rl_grad_clip)
         need(self.sft_grad_clip > 0, "sft_grad_clip", "> 0", self.sft_grad_clip)

@@ -49,7 +49,7 @@ def micro_logprobs(
     return policy_logprobs(
         model, input_ids[micro.rows][:, columns], attention_mask[micro.rows][:, columns],
         micro.response_len, temperature=temperature, with_entropy=with_entropy,
-        entropy_grad=entropy_grad,
+        entropy_grad=entropy_grad, token_chunk=module.algo.logprob_token_chunk,
         # Each prompt's G samples: the prompt runs once (not under FSDP2: one forward per
         # micro-batch is what its hooks are tested with).
         share_prompts=share_prompts and module.algo.share_prompt_prefix and not module.sharded,

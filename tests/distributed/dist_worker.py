@@ -30,6 +30,14 @@ if __name__ == "__main__":
             "weights_version": module.weights_version,
             "buffer": module.buffer.state_dict(),
             "world_size": result.trainer.world_size,
+            "param_dtypes": sorted({str(p.dtype) for p in module.policy.parameters()}),
+            "optimizer_state_dtypes": sorted({
+                str(value.dtype)
+                for optimizer in module.optimizers(use_pl_optimizer=False)
+                for state in optimizer.state.values()
+                for key, value in state.items()
+                if torch.is_tensor(value) and key != "step"
+            }),
         },
         out / f"rank{result.trainer.global_rank}.pt",
     )
