@@ -162,6 +162,8 @@ class BenchmarkEvaluation(L.Callback):
             self.run(trainer, module)
 
     def on_train_batch_end(self, trainer: L.Trainer, module, *args: Any) -> None:
+        if getattr(module, "preempted", False):
+            return  # preempted.ckpt is written (its callback runs first): leave within the grace time
         step = module.step_count
         periodic = self.every_n_steps and step % self.every_n_steps == 0
         # The last step here, not in on_train_end: checkpoint callbacks of this step see it.
@@ -267,7 +269,10 @@ class BenchmarkEvaluation(L.Callback):
             pas.update(correct.amax(dim=1))
             if progress is not None:
                 progress(name, start + len(chunk), len(mine))
-        merged = [{key: v for part in all_gather_objects([d]) for key, v in part.items()} for d in (per_problem, tokens)]
+        merged = [
+            {key: v for part in all_gather_objects([d]) for key, v in part.items()}
+            for d in (per_problem, tokens)
+        ]
         timeouts, failures = (int(v) for v in all_reduce_sum(troubles).tolist())
         return SetScore(
             name, float(avg.compute()), float(pas.compute()), len(rows), k, *merged,

@@ -115,7 +115,8 @@ def run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> DictC
             if isinstance(node, DictConfig) and leaf in node:
                 del node[leaf]
             continue
-        if OmegaConf.select(cfg, key, default=KeyError, throw_on_resolution_failure=False) is KeyError:
+        missing = OmegaConf.select(cfg, key, default=KeyError, throw_on_resolution_failure=False)
+        if missing is KeyError:
             raise ValueError(
                 f"run_dir: the override {override.input_line} sets keys across the config (a "
                 "global group such as experiment=); with run_dir=, override single keys"

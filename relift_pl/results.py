@@ -46,11 +46,11 @@ def markdown_table(scores: Sequence[SetScore], header: Mapping[str, str] | None 
     k = _k_label(scores)
     lines = ["# Evaluation results", ""]
     lines += [f"- {key}: {value}" for key, value in (header or {}).items()]
-    lines += ["", f"| benchmark | k | avg@{k} (%) | pass@{k} (%) | problems |", "|---|---:|---:|---:|---:|"]
+    lines += ["", f"| benchmark | k | avg@{k} (%) | pass@{k} (%) | problems |"]
+    lines += ["|---|---:|---:|---:|---:|"]
     for s in scores:
-        lines.append(
-            f"| {s.name} | {s.k} | {100 * s.avg_at_k:.1f} | {100 * s.pass_at_k:.1f} | {s.num_problems} |"
-        )
+        avg, pas = f"{100 * s.avg_at_k:.1f}", f"{100 * s.pass_at_k:.1f}"
+        lines.append(f"| {s.name} | {s.k} | {avg} | {pas} | {s.num_problems} |")
     avg, pas = _average(scores)
     total = sum(s.num_problems for s in scores)
     lines.append(f"| **{AVERAGE}** | | **{100 * avg:.1f}** | **{100 * pas:.1f}** | {total} |")

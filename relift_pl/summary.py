@@ -69,7 +69,8 @@ class RunSummary:
         if self.after_step is None:
             return (f"preempted at step {self.steps}: no evaluation after step 0, so no "
                     '"after"; resume with ckpt_path=last to finish')  # fmt: skip
-        return f'preempted at step {self.steps}: "after" is the evaluation at step {self.after_step}'
+        return (f'preempted at step {self.steps}: "after" is the evaluation at step '
+                f"{self.after_step}")  # fmt: skip
 
     def table(self) -> Table:
         sets = self.sets()
@@ -84,7 +85,8 @@ class RunSummary:
         for label, key in [*rows, ("avg", "val/avg")]:
             before, after = (None if m is None else m.get(key) for m in (self.before, self.after))
             change = NONE if before is None or after is None else f"{after - before:+.1%}"
-            table.add_row(label, *(NONE if v is None else f"{v:.1%}" for v in (before, after)), change)
+            cells = (NONE if v is None else f"{v:.1%}" for v in (before, after))
+            table.add_row(label, *cells, change)
         table.add_section()
         frac = self.demos_used / max(self.demos_available, 1)
         table.add_row("training steps", "", str(self.steps), "")

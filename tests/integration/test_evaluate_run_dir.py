@@ -63,7 +63,8 @@ def evaluation_state(checkpoint: Path) -> dict:
 def test_summary_has_no_before_without_a_step_0_evaluation(run_dir):
     summary = summary_of(run_dir)
     assert summary["before"] is None  # not the step-3 evaluation
-    assert (summary["after_step"], summary["steps"], summary["preempted"]) == (MAX_STEPS, MAX_STEPS, False)
+    assert (summary["after_step"], summary["steps"]) == (MAX_STEPS, MAX_STEPS)
+    assert summary["preempted"] is False
     assert set(summary["after"]) >= {"val/avg", "val/level1/avg@2", "val/reward_timeouts"}
 
 
@@ -107,13 +108,14 @@ def test_evaluate_run_dir_refuses_a_folder_without_a_saved_config(tmp_path):
 
 
 def test_a_preempted_run_says_so_and_evaluate_scores_its_checkpoint(tmp_path, monkeypatch):
-    start = PreemptionCheckpoint.on_train_start
+    start = PreemptionCheckpoint.on_train_batch_start
 
-    def signal_during_step_1(self, trainer, module):
-        start(self, trainer, module)
-        self.received = signal.SIGTERM  # as if the scheduler sent it during the first step
+    def signal_during_step_1(self, trainer, module, *args):
+        start(self, trainer, module, *args)
+        if module.step_count == 0:
+            self.received = signal.SIGTERM  # as if the scheduler sent it during the first step
 
-    monkeypatch.setattr(PreemptionCheckpoint, "on_train_start", signal_during_step_1)
+    monkeypatch.setattr(PreemptionCheckpoint, "on_train_batch_start", signal_during_step_1)
     out = tmp_path / "run"
     cfg = compose_cfg([*QUICK_TOY, STUB_REWARD, "logger=csv", "callbacks.progress_bar=null",
                        "max_steps=3"], output_dir=out)  # fmt: skip

@@ -72,6 +72,18 @@ def test_a_preempted_run_is_not_evaluated_at_its_end(trainer):
     assert evaluated_steps(evaluation) == []
 
 
+def test_a_step_the_run_was_preempted_at_is_not_evaluated(trainer):
+    # The preemption callback runs first and has saved preempted.ckpt: the run must leave now.
+    module = ScriptedModule(SCRIPT, HashReward())
+    evaluation = BenchmarkEvaluation(k=2, every_n_steps=1, before_training=False)
+    steps(evaluation, trainer, module, 1)
+    module.preempted = True
+    module.step_count = 2  # the last step, and a periodic one
+    evaluation.on_train_batch_end(trainer, module)
+    evaluation.on_train_end(trainer, module)
+    assert evaluated_steps(evaluation) == [1]
+
+
 def test_after_training_false_skips_the_final_evaluation(trainer):
     module = ScriptedModule(SCRIPT, HashReward())
     evaluation = BenchmarkEvaluation(k=2, before_training=False, after_training=False)
