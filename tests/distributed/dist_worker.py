@@ -14,6 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import compose_cfg  # noqa: E402
 from relift_pl.train import fit  # noqa: E402
 
+def _as_list(optimizers):
+    return optimizers if isinstance(optimizers, list) else [optimizers]
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     result = fit(compose_cfg(sys.argv[2:], output_dir=out))
@@ -30,10 +34,12 @@ if __name__ == "__main__":
             "weights_version": module.weights_version,
             "buffer": module.buffer.state_dict(),
             "world_size": result.trainer.world_size,
+            "initial_seed": torch.initial_seed(),
+            "metrics": {k: float(v) for k, v in result.trainer.callback_metrics.items()},
             "param_dtypes": sorted({str(p.dtype) for p in module.policy.parameters()}),
             "optimizer_state_dtypes": sorted({
                 str(value.dtype)
-                for optimizer in module.optimizers(use_pl_optimizer=False)
+                for optimizer in _as_list(module.optimizers(use_pl_optimizer=False))
                 for state in optimizer.state.values()
                 for key, value in state.items()
                 if torch.is_tensor(value) and key != "step"

@@ -58,6 +58,15 @@ def test_two_ranks_reach_sft_step_and_agree(tmp_path, trainer):
     # The buffer was gathered from both ranks and drained identically.
     assert ranks[0]["buffer"] == ranks[1]["buffer"]
     assert_same_params(ranks[0]["state"], ranks[1]["state"])
+    # Each rank samples from its own stream (seed + rank), not a copy of rank 0's.
+    assert [rank["initial_seed"] for rank in ranks] == [0, 1]
+    # Every rank logs the same reduced values.
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    # The checkpoint keeps every rank's streams, and they differ.
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False) if trainer == "ddp" else None
+    if saved is not None:
+        streams = saved["relift"]["rng"]
+        assert len(streams) == 2 and not torch.equal(streams[0]["torch"], streams[1]["torch"])
 
 
 def test_fsdp2_sft_matches_single_process(tmp_path):
@@ -72,6 +81,10 @@ def test_fsdp2_sft_matches_single_process(tmp_path):
     # Both SFT steps were applied (not skipped), so the parameters did move.
     assert single["weights_version"] == sharded[0]["weights_version"] == 2
     assert_same_params(single["state"], sharded[0]["state"], atol=2e-6)
+    # Logged losses are the whole batch's on every layout: 2 ranks logged 1/2 of them.
+    for key in ("sft/loss", "sft/nll", "sft/grad_norm", "sft/demo_tokens"):
+        for rank in sharded:
+            assert rank["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5), key
 
 
 def test_master_weights_stay_fp32_under_fsdp2_bf16_mixed(tmp_path):
