@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from datasets import load_dataset
+from datasets import load_dataset, load_from_disk
 
 from relift_pl.rewards.extract import THINK_CLOSE, last_boxed, split_think
 
@@ -63,6 +63,27 @@ def _is_local(path_or_id: str) -> bool:
     return Path(path_or_id).exists() or name.endswith(LOCAL_SUFFIXES)
 
 
+def is_missing_local_path(path_or_id: str) -> bool:
+    """A local file name (``.jsonl``, ``.parquet``, ...) that does not exist; hub ids are not."""
+    return _is_local(path_or_id) and not Path(path_or_id).exists()
+
+
+def _read_directory(path: Path, split: str) -> Iterator[dict[str, Any]]:
+    """A ``save_to_disk`` folder (``load_from_disk``), else any folder ``load_dataset`` reads."""
+    if (path / "dataset_dict.json").exists():  # a saved DatasetDict: one subfolder per split
+        splits = load_from_disk(str(path))
+        if split not in splits:
+            raise ValueError(
+                f"{path} holds the splits {sorted(splits)}, not {split!r}: set the source's split "
+                "(e.g. data.train_rows.split)"
+            )
+        yield from splits[split]
+    elif (path / "state.json").exists():  # a saved Dataset: it is the split
+        yield from load_from_disk(str(path))
+    else:
+        yield from load_dataset(str(path), split=split)
+
+
 def _read_json_lines(path: Path) -> Iterator[dict[str, Any]]:
     """Yields one object per non-blank line of a (possibly gzipped) JSON Lines file."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -92,7 +113,9 @@ def _records(path_or_id: str, split: str, subset: str | None) -> Iterator[dict[s
             f"data file {path_or_id!r} does not exist: check paths.data_dir (env RELIFT_DATA_DIR) "
             "or the path in the data config"
         )
-    if path.name.removesuffix(".gz").endswith(".parquet"):
+    if path.is_dir():
+        yield from _read_directory(path, split)
+    elif path.name.removesuffix(".gz").endswith(".parquet"):
         yield from load_dataset("parquet", data_files=str(path), split="train")
     else:
         yield from _read_json_lines(path)
@@ -157,12 +180,13 @@ def load_rows(
     """Loads rows, maps columns to the common schema, checks them.
 
     Args:
-        path: a ``.jsonl``/``.json``/``.parquet`` file (``.gz`` works) or a hub dataset id.
+        path: a ``.jsonl``/``.json``/``.parquet`` file (``.gz`` works), a local dataset folder
+            (``save_to_disk``'s, or one ``load_dataset`` reads), or a hub dataset id.
         columns: schema field -> source column, merged over :data:`DEFAULT_COLUMNS`. Dotted
             paths reach into nested columns (``reward_model.ground_truth``,
             ``prompt.-1.content``). ``id: null`` numbers the rows; ``demonstration: null``
             (the default) loads no demonstrations (eval sets).
-        split: the hub split to read (local files have one).
+        split: the split to read from a hub id or a folder (local files have one).
         subset: the hub config name, if the dataset has several.
         limit: keep the first n usable rows.
         demo_template: turns a demonstration into the response format the reward checks:

@@ -1,4 +1,5 @@
-"""Row sources: column mapping, malformed-row errors and skip counts, gz files, the OpenR1 schema."""
+"""Row sources: column mapping, malformed-row errors and skip counts, gz files, local dataset
+folders, the OpenR1 schema."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from datasets import Dataset, DatasetDict
 from hydra.utils import instantiate
 
 from data_fixtures import GOOD, OPENR1_ROWS
@@ -135,3 +137,36 @@ def test_openr1_trace_without_answer_after_think_is_rejected(make_cfg, tmp_path)
     pd.DataFrame(broken).to_parquet(path)
     with pytest.raises(BadRowError, match=r"row 1 .*no \\boxed\{\} after its last </think>"):
         openr1_source(make_cfg, path)()
+
+
+# -- local dataset folders (what load_dataset(dir) / save_to_disk produce) ---------------------
+def _problems(rows) -> list[str]:
+    return [r["problem"] for r in rows]
+
+
+def test_save_to_disk_folder_loads(tmp_path):
+    Dataset.from_list([{"problem": "1+1", "answer": "2"}, {"problem": "2+2", "answer": "4"}]).save_to_disk(
+        tmp_path / "ds"
+    )
+    rows = load_rows(str(tmp_path / "ds"), columns={"id": None})
+    assert _problems(rows) == ["1+1", "2+2"]
+    assert [r["id"] for r in rows] == ["ds-0", "ds-1"]
+
+
+def test_saved_dataset_dict_folder_loads_the_split(tmp_path):
+    DatasetDict(
+        train=Dataset.from_list([{"problem": "1+1", "answer": "2"}]),
+        test=Dataset.from_list([{"problem": "3+3", "answer": "6"}]),
+    ).save_to_disk(tmp_path / "dd")
+    assert _problems(load_rows(str(tmp_path / "dd"), columns={"id": None}, split="test")) == ["3+3"]
+    with pytest.raises(ValueError, match=r"holds the splits \['test', 'train'\], not 'valid'"):
+        load_rows(str(tmp_path / "dd"), columns={"id": None}, split="valid")
+
+
+def test_folder_of_data_files_loads_like_load_dataset(tmp_path):
+    folder = tmp_path / "files"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{**GOOD, "id": "a"}, {**GOOD, "id": "b", "problem": "2+2"}])
+    rows = load_rows(str(folder), **WITH_DEMOS)
+    assert [r["id"] for r in rows] == ["a", "b"]
+    assert rows[1]["problem"] == "2+2"
