@@ -10,18 +10,27 @@ class SampleCompletionsLogger(L.Callback):
     """Every ``every_n_steps`` training steps, logs ``num_samples`` (prompt, response, reward) rows.
 
     Args:
-        every_n_steps: how often, in training steps.
+        every_n_steps: how often, in training steps (0: never).
         num_samples: rows per log (the first sample of the first prompts).
         max_chars: responses are cut to this many characters.
     """
 
     def __init__(self, every_n_steps: int = 10, num_samples: int = 4, max_chars: int = 2000) -> None:
+        if every_n_steps < 0:
+            raise ValueError(
+                f"callbacks.sample_completions.every_n_steps must be >= 0 (0: off), got {every_n_steps}"
+            )
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.max_chars = max_chars
 
     def on_rl_step_end(self, trainer: L.Trainer, module, record) -> None:
-        if record.responses is None or module.step_count % self.every_n_steps or not trainer.is_global_zero:
+        # This runs inside training step step_count + 1 (the module counts it after the step):
+        # label the samples with the step their metrics are logged at.
+        step = module.step_count + 1
+        if not self.every_n_steps or step % self.every_n_steps:
+            return
+        if record.responses is None or not trainer.is_global_zero:
             return
         group = module.algo.group_size
         lines = ["| problem | gold | response | reward |", "|---|---|---|---|"]
@@ -32,7 +41,7 @@ class SampleCompletionsLogger(L.Callback):
         text = "\n".join(lines)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("samples/completions", text, global_step=module.step_count)
+                logger.experiment.add_text("samples/completions", text, global_step=step)
 
 
 def _cell(text: str) -> str:
