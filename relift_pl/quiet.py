@@ -1,0 +1,46 @@
+"""Silences library output a user would otherwise learn to ignore, one message at a time.
+
+Each filter matches one message from one library module or logger (never a whole category or
+logger), so anything new from the same place still shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+
+class _DropMessages(logging.Filter):
+    """Drops records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def _drop(logger_name: str, *prefixes: str) -> None:
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropMessages) and f.prefixes == prefixes for f in logger.filters):
+        logger.addFilter(_DropMessages(*prefixes))
+
+
+def quiet_known_noise(resuming: bool = False) -> None:
+    """Installs the filters (idempotent). ``resuming``: the run continues from a checkpoint."""
+    # An advert printed by every Trainer(): we log to TensorBoard / CSV on purpose.
+    _drop("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging")
+    # Lightning 2.6's own _pytree builds a LeafSpec, deprecated by torch 2.13; nothing to do here.
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    # trainer.save_checkpoint(path) (the preemption checkpoint) saves everything; no choice to make.
+    _drop("lightning.pytorch.trainer.connectors.checkpoint_connector", "`weights_only` was not set")
+    if resuming:
+        # A resumed run writes into its own checkpoints folder: of course it is not empty.
+        warnings.filterwarnings(
+            "ignore", message=r"Checkpoint directory .* exists and is not empty",
+            module=r"lightning\.pytorch\.callbacks\.model_checkpoint",
+        )

@@ -1,0 +1,67 @@
+"""The library messages relift_pl.quiet silences, produced the way a run produces them."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import CSVLogger
+
+from relift_pl.quiet import quiet_known_noise
+
+NOISE = (
+    "💡 Tip: For seamless cloud logging",  # every Trainer()
+    "`isinstance(treespec, LeafSpec)` is deprecated",  # Lightning's loops under torch 2.13
+    "exists and is not empty",  # a resumed run's checkpoints folder
+    "`weights_only` was not set",  # trainer.save_checkpoint(path), as on preemption
+)
+LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.trainer.connectors.checkpoint_connector")
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+class _TupleBatches(BoringModel):
+    # A (tensor, tensor) batch: Lightning flattens it with its _pytree (the LeafSpec warning).
+    def train_dataloader(self):
+        data = [(torch.randn(32), torch.randn(2)) for _ in range(4)]
+        return torch.utils.data.DataLoader(data, batch_size=2)
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch[0], batch_idx)
+
+
+def test_known_noise_is_silenced_and_nothing_else(tmp_path):
+    torch.manual_seed(0)
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "step-000001.ckpt").write_bytes(b"")  # a resumed run's folder is not empty
+    said = _Collect()
+    for name in LOGGERS:  # Lightning's loggers do not propagate to pytest's handler
+        logging.getLogger(name).addHandler(said)
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            quiet_known_noise(resuming=True)
+            trainer = Trainer(
+                max_steps=2, logger=CSVLogger(tmp_path), default_root_dir=tmp_path,
+                enable_progress_bar=False, enable_model_summary=False,
+                callbacks=[ModelCheckpoint(dirpath=folder)],
+            )
+            trainer.fit(_TupleBatches())
+            trainer.save_checkpoint(folder / "preempted.ckpt")
+    finally:
+        for name in LOGGERS:
+            logging.getLogger(name).removeHandler(said)
+    messages = said.messages + [str(w.message) for w in warned]
+    assert not [m for m in messages if any(noise in m for noise in NOISE)]
+    assert any("GPU available" in m for m in messages)  # the same logger's other messages stay
