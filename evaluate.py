@@ -10,12 +10,15 @@ Examples:
 import hydra
 from omegaconf import DictConfig
 
+from relift_pl.cli import check_top_level_keys, config_errors
 from relift_pl.evaluate import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with config_errors():  # a bad value: one line, no traceback
+        check_top_level_keys(cfg, "evaluate")
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

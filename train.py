@@ -9,12 +9,17 @@ Examples:
 import hydra
 from omegaconf import DictConfig
 
+from relift_pl.cli import check_top_level_keys, config_errors, say
 from relift_pl.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    with config_errors():  # a bad value: one line, no traceback
+        check_top_level_keys(cfg, "train")
+        say(f"run directory: {cfg.paths.output_dir}")
+        train(cfg)
+        say(f"outputs (checkpoints, logs, summary.json) are in {cfg.paths.output_dir}")
 
 
 if __name__ == "__main__":

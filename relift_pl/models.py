@@ -39,12 +39,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
             f"one ({len(tokenizer)} tokens). Save the model's tokenizer there (tokenizer.json, "
             "tokenizer_config.json) and retry."
         )
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            f"the tokenizer in {name_or_path!r} (model.name_or_path) has no chat_template; prompts "
-            "are built with it. "
-            "Add one to tokenizer_config.json (or chat_template.jinja) and retry."
-        )
+    # A missing chat template is data.chat_template's business (auto / qwen_think render prompts
+    # without one): relift_pl.data.templates.resolve_chat_template checks it.
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -16,26 +16,44 @@ from callbacks.evaluation import BenchmarkEvaluation
 from relift_pl.checkpoint import resolve_ckpt_path
 from relift_pl.models import load_policy, load_tokenizer, resolve_model_path
 from relift_pl.module import ReLIFTModule
-from relift_pl.rollout.base import SamplingParams
+from relift_pl.quiet import quiet_known_noise
 from relift_pl.summary import RunSummary
+from relift_pl.validation import check_config, instantiate_checked
 
 ROOT = Path(__file__).resolve().parents[1]
 if not OmegaConf.has_resolver("relift_root"):
     OmegaConf.register_new_resolver("relift_root", lambda: str(ROOT))
 
 
-def build(cfg: DictConfig) -> tuple[L.Trainer, ReLIFTModule, L.LightningDataModule]:
-    """Instantiates trainer, module and datamodule (no training); tests use it too."""
+def build(
+    cfg: DictConfig, training: bool = False
+) -> tuple[L.Trainer, ReLIFTModule, L.LightningDataModule]:
+    """Instantiates trainer, module and datamodule (no training); tests use it too.
+
+    ``training``: the caller will optimize (fit does; evaluate.py does not), so low-precision
+    master weights are refused.
+    """
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
-    # Cheap checks first, so a bad value fails before a large model loads.
-    sampling = rollout_sampling(cfg)
-    algorithm = instantiate(cfg.algorithm)
-    algorithm.validate()
+    quiet_known_noise(resuming=bool(cfg.get("ckpt_path")))
+    # Every config check first, so a bad value fails before a (large) model loads or is built.
+    checked = check_config(cfg, training)
+    algorithm, sampling = checked.algorithm, checked.sampling
+    callbacks = [
+        instantiate_checked(node, f"callbacks.{name}")
+        for name, node in cfg.callbacks.items() if node is not None
+    ]
+    loggers = [
+        instantiate_checked(node, f"logger.{name}")
+        for name, node in (cfg.logger or {}).items() if node is not None
+    ]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     model_path = resolve_model_path(cfg.model.name_or_path, instantiate(cfg.model.get("build")))
     # Seeded after the (possibly freshly built) base exists: building it draws random numbers.
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    # Before the policy: its chat-template check and notes come before the weights load.
+    datamodule = instantiate_checked(cfg.data, "data", tokenizer=tokenizer)
     policy = load_policy(
         model_path,
         dtype=cfg.model.dtype,
@@ -43,7 +61,6 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, ReLIFTModule, L.LightningDataModu
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         attn_implementation=cfg.model.get("attn_implementation"),
     )
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     module = ReLIFTModule(
         policy=policy,
         tokenizer=tokenizer,
@@ -55,23 +72,7 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, ReLIFTModule, L.LightningDataModu
         max_logprob_diff=cfg.rollout.get("max_logprob_diff"),
         tis_cap=cfg.rollout.get("tis_cap"),
     )
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return trainer, module, datamodule
-
-
-def rollout_sampling(cfg: DictConfig) -> SamplingParams:
-    """The training sampling settings; errors name the ``rollout.sampling`` key."""
-    values = OmegaConf.to_container(cfg.rollout.sampling)
-    if cfg.algorithm.get("rl_enabled", True) and not values.get("temperature", 1.0) > 0:
-        raise ValueError(
-            f"rollout.sampling.temperature must be > 0 for RL rollouts, got {values['temperature']}"
-        )
-    try:
-        return SamplingParams(**values)
-    except ValueError as err:  # SamplingParams says "sampling.<field> must be ..."
-        raise ValueError(f"rollout.{err}") from err
 
 
 @dataclass
@@ -93,7 +94,7 @@ def fit(cfg: DictConfig) -> FitResult:
     started = time.time()
     # Before building: a missing or broken checkpoint fails before the model loads.
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
-    trainer, module, datamodule = build(cfg)
+    trainer, module, datamodule = build(cfg, training=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     evaluation = next((c for c in trainer.callbacks if isinstance(c, BenchmarkEvaluation)), None)
     # "before" is the step-0 evaluation only, "after" the newest later one (either may be None).

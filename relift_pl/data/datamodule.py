@@ -9,12 +9,29 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from relift_pl.config import ConfigError
 from relift_pl.data.sampler import StepBatchSampler
 from relift_pl.data.templates import prompt_text, resolve_chat_template, response_text
 
 log = logging.getLogger(__name__)
 
 RowsFactory = Callable[[], list[dict[str, Any]]]
+
+
+def check_data_settings(
+    batch_size: int = 8,
+    max_prompt_length: int = 512,
+    max_demo_length: int = 1024,
+    overlong_demos: str = "drop",
+) -> None:
+    """The datamodule's size settings; build() runs this before any model loads."""
+    if overlong_demos not in ("drop", "truncate"):
+        raise ConfigError(f"data.overlong_demos must be 'drop' or 'truncate', got {overlong_demos!r}")
+    if batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+    for key, value in (("max_prompt_length", max_prompt_length), ("max_demo_length", max_demo_length)):
+        if value < 1:
+            raise ConfigError(f"data.{key} must be >= 1 (tokens), got {value}")
 
 
 def _keep_rows(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -60,13 +77,7 @@ class ReLIFTDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if overlong_demos not in ("drop", "truncate"):
-            raise ValueError(f"data.overlong_demos must be 'drop' or 'truncate', got {overlong_demos!r}")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        for key, value in (("max_prompt_length", max_prompt_length), ("max_demo_length", max_demo_length)):
-            if value < 1:
-                raise ValueError(f"data.{key} must be >= 1 (tokens), got {value}")
+        check_data_settings(batch_size, max_prompt_length, max_demo_length, overlong_demos)
         self.train_rows_factory = train_rows
         self.eval_set_factories = dict(eval_sets or {})
         self.tokenizer = tokenizer
@@ -83,8 +94,12 @@ class ReLIFTDataModule(L.LightningDataModule):
 
     # -- building rows ------------------------------------------------------------------------
     def _ids(self, texts: list[str]) -> list[list[int]]:
-        # One batched call: the fast tokenizers parallelise over texts.
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        # One batched call: the fast tokenizers parallelise over texts. verbose=False: rows longer
+        # than max_prompt/demo_length are dropped and counted below, so the tokenizer's own
+        # "longer than the specified maximum sequence length" warning is noise.
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
     def _tokenize(self, rows: list[dict[str, Any]], system_prompt: str | None, with_demos: bool):
         """Adds ``prompt_ids`` (and ``demo_ids``); returns (rows, counts of what was dropped)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from relift_pl.config import ConfigError
 from relift_pl.rewards.extract import THINK_OPEN
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,17 @@ def _render(tokenizer, messages: list[dict[str, Any]], template: str | None) -> 
     )
 
 
+def check_chat_template_name(chat_template: str) -> None:
+    """A name in :data:`NAMED_TEMPLATES`, ``model``, ``auto`` or a Jinja string (no tokenizer needed)."""
+    if chat_template in ("model", "auto", *NAMED_TEMPLATES):
+        return
+    if "{{" not in chat_template and "{%" not in chat_template:
+        names = ", ".join(["model", "auto", *NAMED_TEMPLATES])
+        raise ConfigError(
+            f"data.chat_template={chat_template!r} is neither one of {names} nor a Jinja template"
+        )
+
+
 def resolve_chat_template(tokenizer, chat_template: str = "model") -> str | None:
     """The Jinja template to render prompts with; None means the tokenizer's own.
 
@@ -45,29 +57,43 @@ def resolve_chat_template(tokenizer, chat_template: str = "model") -> str | None
         tokenizer: the policy's tokenizer.
         chat_template: ``model``, ``auto``, a name in :data:`NAMED_TEMPLATES`, or Jinja.
     """
-    if chat_template in NAMED_TEMPLATES:
-        return NAMED_TEMPLATES[chat_template]
+    check_chat_template_name(chat_template)
     if chat_template not in ("model", "auto"):
-        if "{{" not in chat_template and "{%" not in chat_template:
-            names = ", ".join(["model", "auto", *NAMED_TEMPLATES])
-            raise ValueError(
-                f"data.chat_template={chat_template!r} is neither one of {names} nor a Jinja template"
-            )
-        return chat_template
+        return NAMED_TEMPLATES.get(chat_template, chat_template)
     own = getattr(tokenizer, "chat_template", None)
+    name = getattr(tokenizer, "name_or_path", "") or "the model"
     if chat_template == "model":
         if own is None:
-            raise ValueError(
-                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template: set "
-                "data.chat_template=qwen_think (or a Jinja string) or use a model that ships one"
+            raise ConfigError(
+                f"data.chat_template=model but the tokenizer of {name!r} has no chat_template: set "
+                "data.chat_template=auto or qwen_think (ChatML opening <think>), or a Jinja string"
             )
         return None
     if own is not None:
         opened = _render(tokenizer, [{"role": "user", "content": "x"}], None)
         if opened.rstrip().endswith(THINK_OPEN):
             return None
-    log.info("the tokenizer's chat template does not open <think>: using qwen_think")
+    _explain_auto_fallback(tokenizer, name, own)
     return QWEN_THINK_TEMPLATE
+
+
+def _explain_auto_fallback(tokenizer, name: str, own: str | None) -> None:
+    """Says when ``auto``'s ChatML is foreign to the model (Llama, Mistral): a silent format change."""
+    lost = []
+    if tokenizer.convert_tokens_to_ids("<|im_start|>") in (None, tokenizer.unk_token_id):
+        lost.append("ChatML's <|im_start|> / <|im_end|> are not tokens of its vocabulary")
+    bos = getattr(tokenizer, "bos_token", None)
+    if own is not None and bos and _render(tokenizer, [{"role": "user", "content": "x"}], None).startswith(bos):
+        lost.append(f"its own template's BOS token {bos!r} is dropped")
+    why = "has no chat template" if own is None else "has a chat template that does not open <think>"
+    if not lost:  # a ChatML model (Qwen): qwen_think is its own format plus the think tag
+        log.info("%s %s: data.chat_template=auto uses qwen_think", name, why)
+        return
+    log.warning(
+        "data.chat_template=auto: %r %s, so prompts use qwen_think (ChatML ending in <think>), "
+        "foreign to this model: %s. Set data.chat_template=model to keep the model's own "
+        "template, or give a Jinja template that opens <think>.", name, why, "; ".join(lost),
+    )
 
 
 def prompt_text(

@@ -62,3 +62,12 @@ def test_algorithms_instantiate_and_validate(make_cfg, algorithm):
 def test_unknown_key_is_rejected(make_cfg):
     with pytest.raises(Exception, match="algorithm.not_a_knob"):
         make_cfg("algorithm.not_a_knob=1")
+
+
+def test_checkpoint_monitor_is_a_plain_override(make_cfg):
+    # The README's "keep the best checkpoint" override needs no "+".
+    cfg = make_cfg("callbacks.checkpoint.monitor=val/avg", "callbacks.checkpoint.mode=max")
+    checkpoint = instantiate(cfg.callbacks.checkpoint)
+    assert (checkpoint.monitor, checkpoint.mode) == ("val/avg", "max")
+    # A resumed run overwrites last.ckpt instead of writing last-v1.ckpt (tests/integration/test_cli.py).
+    assert checkpoint._enable_version_counter is False

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
+from relift_pl.config import ConfigError
 from relift_pl.data.templates import (
     QWEN_THINK_TEMPLATE,
     prompt_text,
@@ -53,9 +56,40 @@ def test_model_keeps_the_stock_template(stock):
 
 def test_missing_template(toy):
     toy.chat_template = None
-    with pytest.raises(ValueError, match="data.chat_template"):
+    with pytest.raises(ConfigError, match="data.chat_template=model but"):
         resolve_chat_template(toy, "model")
     assert resolve_chat_template(toy, "auto") == QWEN_THINK_TEMPLATE
+
+
+# A Llama-2 style template: BOS first, [INST] turns, no <think>.
+LLAMA_LIKE = (
+    "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+)
+
+
+def test_auto_warns_when_chatml_is_foreign_to_the_model(toy, caplog):
+    toy.chat_template = LLAMA_LIKE
+    toy.bos_token = "<|endoftext|>"
+    toy.name_or_path = "org/llama-like"
+    with caplog.at_level(logging.INFO, logger="relift_pl.data.templates"):
+        assert resolve_chat_template(toy, "auto") == QWEN_THINK_TEMPLATE
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        "data.chat_template=auto: 'org/llama-like' has a chat template that does not open "
+        "<think>, so prompts use qwen_think (ChatML ending in <think>), foreign to this model: "
+        "ChatML's <|im_start|> / <|im_end|> are not tokens of its vocabulary; its own template's "
+        "BOS token '<|endoftext|>' is dropped. Set data.chat_template=model to keep the model's "
+        "own template, or give a Jinja template that opens <think>."
+    )
+
+
+def test_auto_on_a_chatml_model_only_notes_the_switch(stock, caplog):
+    # A Qwen-like tokenizer: ChatML's markers are its own special tokens.
+    stock.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    with caplog.at_level(logging.INFO, logger="relift_pl.data.templates"):
+        assert resolve_chat_template(stock, "auto") == QWEN_THINK_TEMPLATE
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
 
 
 def test_jinja_string_and_typo(toy):

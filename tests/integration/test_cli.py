@@ -1,0 +1,86 @@
+"""train.py / evaluate.py as users run them (subprocesses, stdout to a pipe as in a log file):
+one-line config errors, the run directory, plain progress lines, quiet output, resume file names."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from toy_overrides import QUICK_TOY
+
+ROOT = Path(__file__).resolve().parents[2]
+NOISE = ("Traceback", "litlogger", "LeafSpec", "exists and is not empty", "Token indices")
+
+
+def run(script: str, *overrides: str, full_error: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    if full_error:
+        env["HYDRA_FULL_ERROR"] = "1"
+    return subprocess.run(
+        ["timeout", "-k", "10", "600", sys.executable, str(ROOT / script), *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "overrides", "message"),
+    [
+        (
+            "train.py", ["+max_step=5"],
+            "max_step is not a top-level key of conf/train.yaml; did you mean max_steps? Remove it "
+            "or fix its spelling.",
+        ),
+        (
+            "evaluate.py", ["+ckpt=x.ckpt"],
+            "ckpt is not a top-level key of conf/evaluate.yaml; did you mean ckpt_path? Remove it "
+            "or fix its spelling.",
+        ),
+        (
+            "train.py", ["algorithm.group_size=1"],
+            "algorithm.group_size must be >= 2 (GRPO compares samples within a group), got 1",
+        ),
+    ],
+)
+def test_config_error_is_one_line_without_traceback(script, overrides, message, tmp_path):
+    done = run(script, *overrides, f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == f"Error: {message}"
+    assert "Traceback" not in done.stderr
+    assert "Loading weights" not in done.stderr + done.stdout  # failed before any model loaded
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path):
+    done = run("train.py", "algorithm.group_size=1", f"hydra.run.dir={tmp_path}", full_error=True)
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "ConfigError: algorithm.group_size must be >= 2" in done.stderr
+
+
+def test_run_dir_progress_lines_quiet_output_and_resume_names(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [
+        *QUICK_TOY, "callbacks.evaluation.before_training=false", f"hydra.run.dir={run_dir}",
+        "callbacks.checkpoint.every_n_train_steps=2", "callbacks.progress_bar.text_every_n_steps=2",
+    ]
+    first = run("train.py", *overrides, "max_steps=4")
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert lines[0] == f"run directory: {run_dir}"
+    assert lines[-1] == f"outputs (checkpoints, logs, summary.json) are in {run_dir}"
+    progress = [line for line in lines if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in progress] == ["step 2/4", "step 4/4"]
+    assert " s/step | ETA " in progress[0] and " | reward " in progress[0]
+    assert " | RL/SFT steps 4/" in progress[-1]
+
+    # Resume from an earlier checkpoint into the same folder: steps 3-4 are redone and their
+    # files overwritten (with Lightning's version counter: step-000004-v1.ckpt, last-v1.ckpt).
+    second = run("train.py", *overrides, "max_steps=4", f"ckpt_path={run_dir}/checkpoints/step-000002.ckpt")
+    assert second.returncode == 0, second.stderr
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step-000002.ckpt", "step-000004.ckpt"]
+    for done in (first, second):
+        assert not [noise for noise in NOISE if noise in done.stderr + done.stdout], done.stderr
