@@ -42,7 +42,7 @@ def check_config(cfg: DictConfig, training: bool) -> CheckedConfig:
     algorithm = instantiate_checked(cfg.algorithm, "algorithm")
     algorithm.validate()
     check_sft_only_batch(algorithm, cfg.data.batch_size)
-    check_data(cfg.data)
+    check_data(cfg.data, training)
     check_reward(cfg.reward)
     if training:
         check_master_weights(cfg)
@@ -114,12 +114,13 @@ def rollout_sampling(cfg: DictConfig) -> SamplingParams:
         raise ConfigError(f"rollout.{message}") from err
 
 
-def check_data(data: DictConfig) -> None:
-    """The datamodule's own checks, and that local row files exist (before a model loads)."""
+def check_data(data: DictConfig, training: bool = True) -> None:
+    """The datamodule's own checks, and that local row files exist (before a model loads); the
+    training rows only when training (evaluate.py reads the eval sets alone)."""
     names = ("batch_size", "max_prompt_length", "max_demo_length", "overlong_demos")
     check_data_settings(**{name: data[name] for name in names if name in data})
     check_chat_template_name(data.get("chat_template", "model"))
-    sources = {"train_rows": data.get("train_rows")}
+    sources = {"train_rows": data.get("train_rows")} if training else {}
     sources |= {f"eval_sets.{name}": node for name, node in (data.get("eval_sets") or {}).items()}
     for key, node in sources.items():
         path = node.get("path") if isinstance(node, DictConfig) else None

@@ -204,8 +204,23 @@ def test_invalid_value_fails_before_the_model_naming_the_key(case, tmp_path, no_
     overrides, error, expected = BUILD_ERRORS[case]
     cfg = compose_cfg([*QUICK_TOY, *overrides], output_dir=tmp_path)
     with pytest.raises(error) as err:
-        build(cfg)
+        build(cfg, training=True)
     assert str(err.value) == expected
+
+
+def test_evaluation_checks_the_eval_files_only(tmp_path, no_model):
+    math = [*QUICK_TOY, "data=math_train"]
+    # evaluate.py (training=False) never reads the training rows: past the checks, to the model.
+    cfg = compose_cfg([*math, "data.train_rows.path=/nonexistent/train.jsonl"], output_dir=tmp_path)
+    with pytest.raises(AssertionError, match="a model was built or loaded"):
+        build(cfg, training=False)
+    cfg = compose_cfg([*math, "data.eval_sets.aime24.path=/nonexistent/aime24.jsonl"], output_dir=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        build(cfg, training=False)
+    assert str(err.value) == (
+        "data.eval_sets.aime24.path: /nonexistent/aime24.jsonl does not exist; check "
+        "paths.data_dir (env RELIFT_DATA_DIR) or set data.eval_sets.aime24.path"
+    )
 
 
 @pytest.mark.parametrize(
