@@ -33,7 +33,8 @@ def full_named_tensors(policy: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
     rank must consume this iterator completely and in the same order (they all do, each pushing to
     its own engine). Tied weights go under both names: vLLM on CPU keeps a processed copy of a
     tied ``lm_head`` that is refreshed only when ``lm_head.weight`` itself arrives (measured: with
-    it left out, the engine's log-probs stayed ~1 nat off after a push).
+    it left out, the engine's log-probs stayed ~1 nat off after a push). Names and layouts are the
+    policy's own; the engine turns them into the checkpoint's (fused MoE experts) as it loads.
     """
     for name, tensor in policy.state_dict(keep_vars=True).items():
         tensor = tensor.detach()

