@@ -114,8 +114,9 @@ def _fit_with_sync(tmp_path, sync_callback):
 
 
 def test_a_sync_that_does_nothing_is_caught_by_max_logprob_diff(tmp_path):
-    # Step 0 samples from the base both sides hold; after its updates the engine is stale.
-    with pytest.raises(RuntimeError, match=r"training step 1 .*rollout\.max_logprob_diff=0\.01"):
+    # Step 1 (numbered as logged) samples from the base both sides hold; after its updates the
+    # engine is stale, and step 2 finds it.
+    with pytest.raises(RuntimeError, match=r"training step 2 .*rollout\.max_logprob_diff=0\.01"):
         _fit_with_sync(tmp_path, SilentSync())
 
 
