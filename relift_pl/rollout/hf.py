@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, cut_at_eos, left_pad
@@ -65,13 +68,8 @@ class HFRolloutEngine(RolloutEngine):
         self.policy.eval()
         try:
             ids, mask = ids.to(device), mask.to(device)
-            if self.decode == "loop" and supports(self.policy):
-                response = sample_responses(
-                    self.policy, ids, mask, sampling, self._eos_ids(), pad_id,
-                    share_prompt_prefill=self.share_prompt_prefill, synced=synced,
-                )  # fmt: skip
-            else:
-                response = self._generate(ids, mask, sampling, synced)
+            with gathered_for_sampling(self.policy):
+                response = self._sample(ids, mask, sampling, synced)
         finally:
             self.policy.train(was_training)
         ids, mask = ids.cpu(), mask.cpu()
@@ -83,6 +81,15 @@ class HFRolloutEngine(RolloutEngine):
             response_mask=response_mask,
             finish_reasons=reasons,
         )
+
+    def _sample(self, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams, synced: bool):
+        """[N, T] raw response ids: our sampling loop, or ``generate``."""
+        if self.decode == "loop" and supports(self.policy):
+            return sample_responses(
+                self.policy, ids, mask, sampling, self._eos_ids(), self.tokenizer.pad_token_id,
+                share_prompt_prefill=self.share_prompt_prefill, synced=synced,
+            )  # fmt: skip
+        return self._generate(ids, mask, sampling, synced)
 
     def _generate(
         self, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams, synced: bool
@@ -122,3 +129,28 @@ class HFRolloutEngine(RolloutEngine):
             return None
         cache = prefill_prompts(self.policy, ids, mask, DynamicCache(), repeats=n)
         return cache if cache.get_seq_length() == ids.shape[1] - 1 else None
+
+
+@contextmanager
+def gathered_for_sampling(policy: torch.nn.Module) -> Iterator[None]:
+    """Under FSDP2, keeps every layer's parameters gathered for the whole generation.
+
+    Sampling runs one forward per token; with FSDP2's default each forward all-gathers every
+    layer's weights and frees them again, so a 7B model would move its full weights over the
+    network once per token. Gathering once per rollout costs the unsharded weights in memory for
+    its duration instead. A no-op for an unsharded policy.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(policy, FSDPModule):
+        yield
+        return
+    policy.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        policy.set_reshard_after_forward(True)
+        policy.set_reshard_after_forward(False, recurse=False)  # the root's own default
+        for module in policy.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()

@@ -88,3 +88,52 @@ def test_a_rank_without_sft_rows_joins_the_collectives(tmp_path):
     assert results[0]["metrics"] == results[1]["metrics"]
     assert results[0]["metrics"]["sft/demo_tokens"] == 4.0
     assert results[0]["metrics"]["sft/loss"] > 0
+
+
+def _fsdp_sampling_worker(rank: int, port: int, out_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from relift_pl.rollout.base import SamplingParams
+    from relift_pl.rollout.hf import HFRolloutEngine
+
+    _init(rank, port)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=1)
+    policy = Qwen2ForCausalLM(config)
+    for layer in policy.model.layers:
+        fully_shard(layer)
+    fully_shard(policy)
+    # FSDP2's one all-gather entry point (internal: a test may count through it).
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_module
+
+    counted = {"all_gathers": 0}
+    original = group_module.foreach_all_gather
+
+    def counting(*args, **kwargs):
+        counted["all_gathers"] += 1
+        return original(*args, **kwargs)
+
+    group_module.foreach_all_gather = counting
+    engine = HFRolloutEngine()
+    engine.bind(policy, SimpleNamespace(pad_token_id=0, eos_token_id=1))
+    sampling = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, min_new_tokens=12)
+    torch.manual_seed(rank)
+    batch = engine.generate([[3, 4, 5], [6, 7]], sampling)
+    group_module.foreach_all_gather = original
+    resharded = all(hasattr(p, "full_tensor") for p in policy.parameters())
+    torch.save({"all_gathers": counted["all_gathers"], "tokens": int(batch.response_mask.sum()),
+                "resharded": resharded}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_hf_sampling_under_fsdp2_gathers_the_weights_once_per_rollout(tmp_path):
+    # 12 decode steps plus a prefill through 3 FSDP units (2 layers and the root): FSDP2's
+    # default all-gathers every unit at every forward (39+ collectives); gathered once for the
+    # rollout it is one all-gather per unit. The parameters are sharded again afterwards.
+    results = _spawn(_fsdp_sampling_worker, _free_port(), str(tmp_path))
+    for result in results:
+        assert result["tokens"] == 4 * 12
+        assert result["all_gathers"] <= 3, result["all_gathers"]
+        assert result["resharded"]
