@@ -162,8 +162,8 @@ class TrainingStepCheckpoint(ModelCheckpoint):
 def check_checkpoint_file(path: str | Path) -> Path:
     """Fails with a clear message if ``path`` is missing, truncated or corrupted (CRC check)."""
     path = Path(path)
-    if path.is_dir():  # a distributed (FSDP2) checkpoint: Lightning validates it on load
-        return path
+    if path.is_dir():  # a distributed (FSDP2) checkpoint folder
+        return _check_checkpoint_folder(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (ckpt_path)")
     try:
@@ -176,6 +176,23 @@ def check_checkpoint_file(path: str | Path) -> Path:
         ) from err
     if bad is not None:
         raise ValueError(f"checkpoint {path} is corrupted (bad member {bad}); resume from an earlier one")
+    return path
+
+
+def _check_checkpoint_folder(path: Path) -> Path:
+    """A sharded checkpoint is complete when its DCP metadata (written last, after every shard)
+    and Lightning's ``meta.pt`` (counters, callbacks; written by rank 0) are both readable."""
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        FileSystemReader(str(path)).read_metadata()
+        torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    except Exception as err:  # missing or truncated files, a half-written save
+        raise ValueError(
+            f"checkpoint folder {path} is incomplete or corrupted ({type(err).__name__}: {err}); "
+            "resume from an earlier one with ckpt_path=<path> (see the checkpoints/ folder)"
+        ) from err
     return path
 
 

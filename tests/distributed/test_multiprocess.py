@@ -67,6 +67,16 @@ def test_two_ranks_reach_sft_step_and_agree(tmp_path, trainer):
     if saved is not None:
         streams = saved["relift"]["rng"]
         assert len(streams) == 2 and not torch.equal(streams[0]["torch"], streams[1]["torch"])
+    else:  # FSDP2: a sharded folder, swapped into place whole and complete
+        from relift_pl.checkpoint import check_checkpoint_file
+
+        folder = tmp_path / "checkpoints" / "last.ckpt"
+        assert folder.is_dir() and check_checkpoint_file(folder) == folder
+        assert not list((tmp_path / "checkpoints").glob("*.tmp")) and not list((tmp_path / "checkpoints").glob("*.old"))
+        # ... and a run resumes from it.
+        resumed = run_worker(tmp_path / "resumed", [*RELIFT, f"trainer={trainer}", "max_steps=3",
+                                                    f"ckpt_path={folder}"])
+        assert [rank["rl_step"] for rank in resumed] == [3, 3]
 
 
 def test_fsdp2_sft_matches_single_process(tmp_path):

@@ -109,3 +109,26 @@ def test_save_replaces_in_one_step_and_keeps_a_live_writers_temp(tmp_path):
     AtomicCheckpointIO().save_checkpoint({"tag": "a"}, path)
     assert live.exists()  # never removed while its writer is alive
     assert AtomicCheckpointIO().load_checkpoint(path)["tag"] == "a"
+
+
+def test_an_incomplete_sharded_checkpoint_folder_is_rejected(tmp_path):
+    from relift_pl.checkpoint import check_checkpoint_file
+
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    (folder / "__0_0.distcp").write_bytes(b"shard without metadata")  # killed before .metadata
+    with pytest.raises(ValueError, match=r"checkpoint folder .*last\.ckpt is incomplete"):
+        check_checkpoint_file(folder)
+
+
+def test_replace_dir_swaps_whole_folders(tmp_path):
+    from relift_pl.export import replace_dir
+
+    target, new = tmp_path / "model", tmp_path / "model.tmp1"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    new.mkdir()
+    (new / "new.txt").write_text("new")
+    replace_dir(new, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
