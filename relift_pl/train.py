@@ -17,6 +17,7 @@ from relift_pl.checkpoint import resolve_ckpt_path
 from relift_pl.models import load_policy, load_tokenizer, resolve_model_path
 from relift_pl.module import ReLIFTModule
 from relift_pl.quiet import quiet_known_noise
+from relift_pl.stop_tokens import apply_stop_tokens
 from relift_pl.summary import RunSummary
 from relift_pl.validation import check_config, instantiate_checked
 
@@ -61,6 +62,8 @@ def build(
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         attn_implementation=cfg.model.get("attn_implementation"),
     )
+    # Stop on the chat template's end-of-turn token too (read by both engines and the export).
+    apply_stop_tokens(policy, tokenizer, datamodule.template)
     module = ReLIFTModule(
         policy=policy,
         tokenizer=tokenizer,
@@ -70,7 +73,9 @@ def build(
         sampling=sampling,
         max_steps=cfg.max_steps,
         max_logprob_diff=cfg.rollout.get("max_logprob_diff"),
+        max_logprob_diff_mean=cfg.rollout.get("max_logprob_diff_mean"),
         tis_cap=cfg.rollout.get("tis_cap"),
+        seed=cfg.seed,
     )
     return trainer, module, datamodule
 
