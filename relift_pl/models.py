@@ -52,9 +52,16 @@ def load_policy(
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
+    config_overrides: dict | None = None,
 ) -> PreTrainedModel:
-    """The trainable causal LM, in ``dtype`` (fp32 on CPU; FSDP casts per its mixed-precision policy)."""
-    kwargs = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
+    """The trainable causal LM, in ``dtype`` (fp32 on CPU; FSDP casts per its mixed-precision policy).
+
+    ``config_overrides`` change the model's config at load (``model.config_overrides``; the vLLM
+    engine gets the same as ``hf_overrides``), e.g. the paper's "16k-think" Qwen2.5-Math-7B:
+    ``{max_position_embeddings: 16384, rope_parameters: {rope_type: default, rope_theta: 40000}}``.
+    """
+    kwargs = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code,
+              **(config_overrides or {})}
     if attn_implementation:
         if attn_implementation == attention.NAME:
             attention.register()

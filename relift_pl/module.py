@@ -32,6 +32,7 @@ from lightning.fabric.utilities.seed import seed_everything
 from torch import Tensor
 
 from relift_pl.algorithms import group_advantages
+from relift_pl.algorithms.mismatch import check_logprob_bound, resolve_logprob_bounds
 from relift_pl.buffer import DemonstrationBuffer, demo_row
 from relift_pl.checkpoint import rng_state, set_rng_state
 from relift_pl.config import AlgorithmConfig
@@ -97,10 +98,10 @@ class ReLIFTModule(L.LightningModule):
         algorithm.validate()
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        for key, value in (("max_logprob_diff", max_logprob_diff),
-                           ("max_logprob_diff_mean", max_logprob_diff_mean), ("tis_cap", tis_cap)):
-            if value is not None and value <= 0:
-                raise ValueError(f"rollout.{key} must be > 0 or null, got {value}")
+        check_logprob_bound("max_logprob_diff", max_logprob_diff)
+        check_logprob_bound("max_logprob_diff_mean", max_logprob_diff_mean)
+        if tis_cap is not None and tis_cap <= 0:
+            raise ValueError(f"rollout.tis_cap must be > 0 or null, got {tis_cap}")
         if algorithm.rl_enabled and sampling.temperature <= 0:
             raise ValueError(
                 f"rollout.sampling.temperature must be > 0 for RL rollouts, got {sampling.temperature}"
@@ -117,8 +118,10 @@ class ReLIFTModule(L.LightningModule):
         self.sft_loss = algorithm.sft_loss
         self.sampling = SamplingParams(**{**sampling.__dict__, "n": algorithm.group_size})
         self.max_steps = max_steps
-        self.max_logprob_diff = max_logprob_diff
-        self.max_logprob_diff_mean = max_logprob_diff_mean
+        # As configured (a number, "auto" or None); setup() resolves "auto" from the dtypes.
+        self._bounds_config = (max_logprob_diff, max_logprob_diff_mean)
+        self.max_logprob_diff: float | None = None
+        self.max_logprob_diff_mean: float | None = None
         self.tis_cap = tis_cap
         self.seed = seed
         self._make_engine = rollout_engine
@@ -156,6 +159,7 @@ class ReLIFTModule(L.LightningModule):
         if self.rollout_engine is None:
             self.rollout_engine = self._make_engine()
             self.rollout_engine.bind(self.policy, self.tokenizer)
+        self._resolve_logprob_bounds()
         bounds = self.max_logprob_diff or self.max_logprob_diff_mean
         if (bounds or self.tis_cap) and not self.rollout_engine.returns_logprobs:
             raise ValueError(
@@ -168,6 +172,24 @@ class ReLIFTModule(L.LightningModule):
             # seed_everything gave every rank the same streams: rollouts would be correlated.
             # After the engine is built (vLLM reseeds the global RNG when it starts).
             seed_everything(self.seed + rank, verbose=False)
+
+    def _resolve_logprob_bounds(self) -> None:
+        """The engine-vs-trainer log-prob bounds for this engine and precision (``auto`` follows
+        the dtypes: see :func:`relift_pl.algorithms.mismatch.default_logprob_bounds`)."""
+        raw_max, raw_mean = self._bounds_config
+        if not self.rollout_engine.returns_logprobs:
+            self.max_logprob_diff = None if raw_max == "auto" else raw_max
+            self.max_logprob_diff_mean = None if raw_mean == "auto" else raw_mean
+            return
+        trainer = self._trainer
+        self.max_logprob_diff, self.max_logprob_diff_mean = resolve_logprob_bounds(
+            raw_max, raw_mean,
+            engine_dtype=getattr(self.rollout_engine, "engine_dtype", None),
+            trainer_precision=str(trainer.precision) if trainer is not None else "32-true",
+            param_dtype=next(self.policy.parameters()).dtype,
+            top_p=self.sampling.top_p, top_k=self.sampling.top_k,
+            min_new_tokens=self.sampling.min_new_tokens, tis_cap=self.tis_cap,
+        )  # fmt: skip
 
     def teardown(self, stage: str) -> None:
         for obj in (self.reward_fn, self.rollout_engine):

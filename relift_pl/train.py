@@ -61,6 +61,7 @@ def build(
         trust_remote_code=cfg.model.trust_remote_code,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         attn_implementation=cfg.model.get("attn_implementation"),
+        config_overrides=_plain(cfg.model.get("config_overrides")),
     )
     # Stop on the chat template's end-of-turn token too (read by both engines and the export).
     apply_stop_tokens(policy, tokenizer, datamodule.template)
@@ -78,6 +79,10 @@ def build(
         seed=cfg.seed,
     )
     return trainer, module, datamodule
+
+
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True) if node else None
 
 
 @dataclass

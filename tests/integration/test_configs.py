@@ -44,7 +44,44 @@ def test_paper_recipe_builds_fsdp_8gpu_strategy(make_cfg):
     assert (algo.group_size, algo.buffer_threshold, algo.num_mini_batches) == (8, 128, 2)
     assert cfg.data.batch_size == 128
     assert cfg.model.name_or_path == "Qwen/Qwen2.5-Math-7B"
-    assert Path(cfg.data.train_rows.path).exists(), "paths.data_dir should point at the shared data"
+    for name, rows in cfg.data.eval_sets.items():
+        assert Path(rows.path).exists(), f"{name}: paths.data_dir should point at the shared data"
+
+
+def test_paper_recipe_is_the_papers_run(make_cfg):
+    """What `experiment=relift_qwen_math_7b trainer=fsdp_8gpu` composes, read as a reviewer would."""
+    cfg = make_cfg("experiment=relift_qwen_math_7b", "trainer=fsdp_8gpu")
+    # fp32 master weights, bf16 compute (FSDP2's MixedPrecisionPolicy under bf16-mixed).
+    assert cfg.model.dtype == "float32" and cfg.trainer.precision == "bf16-mixed"
+    # The 16k-think base, the same in the trainer and in vLLM.
+    overrides = {"max_position_embeddings": 16384,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 40000}}
+    assert cfg.model.config_overrides == overrides and cfg.rollout.engine.hf_overrides == overrides
+    # vLLM rollouts, sleeping between them, sized for 8 x 80 GB next to FSDP2 training.
+    assert cfg.rollout.engine._target_ == "relift_pl.rollout.vllm.VLLMRolloutEngine"
+    assert cfg.rollout.engine.sleep_level == 2 and cfg.rollout.engine.dtype == "bfloat16"
+    assert cfg.rollout.engine.max_model_len >= cfg.data.max_prompt_length + cfg.rollout.sampling.max_new_tokens
+    assert cfg.rollout.max_logprob_diff_mean == "auto"
+    # The paper's data: OpenR1-Math-46k R1 traces with the OpenR1 system prompt and <think> prompts.
+    assert cfg.data.train_rows.path == "Elliott/Openr1-Math-46k-8192"
+    assert cfg.data.train_rows.columns.demonstration == "target.0.content"
+    assert cfg.data.system_prompt.startswith("Your task is to follow a systematic, thorough reasoning")
+    assert cfg.data.chat_template == "auto"
+    # The reference's evaluation protocol, every 10 steps, the best checkpoint kept.
+    ev = cfg.callbacks.evaluation
+    assert (ev.every_n_steps, ev.temperature, ev.top_p, ev.max_new_tokens) == (10, 0.6, 1.0, 8192)
+    assert {name: ev.k_per_set.get(name, ev.k) for name in ("aime24", "aime25", "amc23", "math500",
+            "olympiadbench")} == {"aime24": 32, "aime25": 32, "amc23": 32, "math500": 8, "olympiadbench": 8}
+    assert set(cfg.data.eval_sets) == {"aime24", "aime25", "amc23", "math500", "minerva",
+                                       "olympiadbench", "gpqa_diamond", "arc_c"}
+    ck = cfg.callbacks.checkpoint
+    assert (ck.monitor, ck.mode, ck.export_hf) == ("val/avg", "max", True)
+    # Algorithm: lr 1e-6 both, no clip, constant normaliser 8192, entropy 1e-4, bounded log-probs.
+    algo = instantiate(cfg.algorithm)
+    assert algo.rl_optimizer.keywords["lr"] == algo.sft_optimizer.keywords["lr"] == 1e-6
+    assert not algo.pg_loss.clip and algo.pg_loss.agg_mode == "constant"
+    assert algo.pg_loss.loss_constant == 8192 and algo.pg_loss.entropy_coef == 1e-4
+    assert algo.logprob_token_chunk and algo.max_tokens_per_micro_batch == 32768
 
 
 @pytest.mark.parametrize("algorithm", config_names("algorithm"))

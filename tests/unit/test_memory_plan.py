@@ -124,12 +124,13 @@ def test_deferred_gradient_sync_and_no_sleep():
 def test_run_shape_from_the_composed_recipe(make_cfg):
     cfg = make_cfg("experiment=relift_qwen_math_7b", "trainer=fsdp_8gpu", "rollout=vllm",
                    "rollout.engine.tensor_parallel_size=2", "rollout.engine.sleep_level=1",
-                   "+algorithm.logprob_token_chunk=1024")  # fmt: skip
+                   "algorithm.logprob_token_chunk=1024")  # fmt: skip
     run = run_shape_from_config(cfg, device_gb=40)
     assert (run.world_size, run.sharded, run.compute_bytes) == (8, True, 2)
     assert run.master_bytes == {"float32": 4, "bfloat16": 2}[cfg.model.dtype]
     assert run.rl_tokens == run.sft_tokens == 32768
-    assert run.max_sequence == cfg.data.max_prompt_length + 8192
+    # The longest row: a prompt with a full response, or with the longest demonstration.
+    assert run.max_sequence == cfg.data.max_prompt_length + max(8192, cfg.data.max_demo_length)
     assert run.gradient_checkpointing and run.offload_sft_optimizer
     assert (run.engine, run.tensor_parallel, run.sleep_level) == ("vllm", 2, 1)
     assert run.rollout_sequences == 128 * 8 // 8
