@@ -8,6 +8,7 @@ training log and one in ``results.md`` come from the same code.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -187,7 +188,9 @@ class BenchmarkEvaluation(L.Callback):
         """
         if eval_sets is None:
             eval_sets = getattr(trainer.datamodule, "eval_sets", {}) or {}
+        started = time.perf_counter()
         scores = self.evaluate(module, eval_sets)
+        seconds = time.perf_counter() - started
         results = metrics_of(scores)
         if scores and self.per_problem_file and trainer.is_global_zero:
             path = Path(self.per_problem_file)
@@ -199,7 +202,10 @@ class BenchmarkEvaluation(L.Callback):
                     f.write(json.dumps(line) + "\n")
         if results:
             for logger in trainer.loggers:
-                logger.log_metrics(results, step=module.step_count)
+                logger.log_metrics({**results, "timing/eval_s": seconds}, step=module.step_count)
+            totals = getattr(module, "time_totals", None)
+            if totals is not None:  # the run summary's time split
+                totals["timing/eval_s"] = totals.get("timing/eval_s", 0.0) + seconds
             # ModelCheckpoint(monitor="val/avg") reads callback_metrics.
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
             self.history.append((module.step_count, results))

@@ -26,8 +26,14 @@ def hf_name(name: str) -> str:
     return name.removeprefix("module.")
 
 
-def full_named_tensors(policy: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
+def full_named_tensors(
+    policy: torch.nn.Module, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, Tensor]]:
     """Yields ``(hf_name, full tensor)`` one at a time, in ``state_dict`` order.
+
+    ``dtype``: floating tensors are cast to it first (the engine's dtype): the engine would cast
+    the fp32 master weights anyway, and under FSDP2 the shard is cast before the all-gather, which
+    halves what moves between GPUs for a bf16 engine.
 
     Under FSDP2 each parameter is a DTensor shard and ``full_tensor()`` is a collective: every
     rank must consume this iterator completely and in the same order (they all do, each pushing to
@@ -38,6 +44,8 @@ def full_named_tensors(policy: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
     """
     for name, tensor in policy.state_dict(keep_vars=True).items():
         tensor = tensor.detach()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
         if hasattr(tensor, "full_tensor"):  # a DTensor under FSDP2
             tensor = tensor.full_tensor()
         yield hf_name(name), tensor
@@ -50,7 +58,8 @@ class VLLMWeightSync(L.Callback):
     happens when that differs from the version last pushed, on the first rollout of the run (the
     engine started from the base checkpoint, which a resumed run has moved past), and whenever the
     engine dropped its weights (level-2 sleep). The engine resets its prefix cache after a push.
-    Logs ``rollout/weight_sync_seconds`` and ``rollout/weight_sync_tensors``.
+    Adds ``rollout/weight_sync_tensors`` to the step's metrics (the module logs the push's time as
+    ``timing/weight_sync_s``).
     """
 
     def __init__(self) -> None:
@@ -68,7 +77,7 @@ class VLLMWeightSync(L.Callback):
 
         def counted() -> Iterator[tuple[str, Tensor]]:
             nonlocal count
-            for item in full_named_tensors(module.policy):
+            for item in full_named_tensors(module.policy, getattr(engine, "engine_dtype", None)):
                 count += 1
                 yield item
 
@@ -80,9 +89,6 @@ class VLLMWeightSync(L.Callback):
         engine.synced_version = module.weights_version
         self.num_syncs += 1
         self.last_seconds = time.perf_counter() - started
-        metrics = {
-            "rollout/weight_sync_seconds": self.last_seconds,
-            "rollout/weight_sync_tensors": float(count),
-        }
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=module.step_count)
+        # Within a training step the module times the push (timing/weight_sync_s) and logs this
+        # with the step's other metrics.
+        module.metrics.add("rollout/weight_sync_tensors", float(count), reduce="same")

@@ -91,8 +91,16 @@ def replace_dir(new: Path, target: Path) -> None:
     moment ``target`` is either the complete old folder or the complete new one (or, after a kill
     between the two renames, ``<target>.old`` holds the previous one)."""
     old = target.with_name(f"{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     if target.exists() or target.is_symlink():
         os.replace(target, old)
     os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Removes a folder, a file or a symlink (last.ckpt may link to a top-k checkpoint)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)

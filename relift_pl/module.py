@@ -140,6 +140,7 @@ class ReLIFTModule(L.LightningModule):
         self.preempted = False  # set by the preemption callback when it stops the run
         self.weights_version = 0  # bumped by every applied optimizer step (weight-sync callbacks read it)
         self.metrics = StepMetrics()  # the step in progress; callbacks add to it too
+        self.time_totals: dict[str, float] = {}  # timing/* summed and perf/peak_* maxed over the run
         self._sync_seconds = 0.0
         # Rotary frequencies in float32, kept aside: a bf16-true precision plugin casts every
         # floating buffer, and rounded frequencies misplace long positions (see on_fit_start).
@@ -421,6 +422,11 @@ class ReLIFTModule(L.LightningModule):
                 flops = training_flops(num_params, values["perf/trained_tokens"],
                                        getattr(self.policy, "is_gradient_checkpointing", False))
                 values["perf/mfu"] = flops / (update_s * peak * world_size_and_rank()[0])
+        for key, value in values.items():
+            if key.startswith("timing/"):
+                self.time_totals[key] = self.time_totals.get(key, 0.0) + value
+            elif key.startswith("perf/peak_"):
+                self.time_totals[key] = max(self.time_totals.get(key, 0.0), value)
         # Straight to the loggers at the training step: Lightning's self.log would plot against
         # global_step (RL and SFT optimizer steps together) and repeat stale on-step values.
         for logger in self.trainer.loggers:
@@ -443,6 +449,7 @@ class ReLIFTModule(L.LightningModule):
             "consecutive_skips": dict(self.consecutive_skips),
             "weights_version": self.weights_version,
             "buffer": self.buffer.state_dict(),
+            "time_totals": dict(self.time_totals),
             # Every rank's streams (rank 0 writes the file): ranks must not resume identical.
             "rng": all_gather_objects([rng_state()]),
         }
@@ -458,6 +465,7 @@ class ReLIFTModule(L.LightningModule):
         self.consecutive_skips = dict(skips) if isinstance(skips, dict) else {"rl": skips, "sft": skips}
         self.weights_version = state["weights_version"]
         self.buffer.load_state_dict(state["buffer"])
+        self.time_totals = dict(state.get("time_totals", {}))  # absent in older checkpoints
         # Applied just before the next step: Lightning draws from the global RNG in between
         # (the DataLoader iterator takes a base seed), which would shift every later sample.
         self._pending_rng_state = _rank_rng_state(state["rng"])

@@ -44,3 +44,10 @@ def quiet_known_noise(resuming: bool = False) -> None:
             "ignore", message=r"Checkpoint directory .* exists and is not empty",
             module=r"lightning\.pytorch\.callbacks\.model_checkpoint",
         )
+
+
+def quiet_vllm_weight_reload() -> None:
+    """vLLM's layer-wise reload warns, at every weight push, that rotary-embedding layers got no
+    weights: they hold a cos/sin cache computed at start, not checkpoint weights, and vLLM puts
+    it back (model_loader/reload/layerwise.py)."""
+    _drop("vllm.model_executor.model_loader.reload.layerwise", "%s: Failed to load weights")

@@ -93,7 +93,22 @@ class RunSummary:
         table.add_row("RL steps / SFT steps", "", f"{self.rl_steps} / {self.sft_steps}", "")
         table.add_row("demos used / available", "", f"{self.demos_used} / {self.demos_available}", f"{frac:.1%}")
         table.add_row("wall time", "", f"{self.wall_seconds / 60:.1f} min", "")
+        for phase, seconds, share in self.time_split():
+            table.add_row(f"  time: {phase}", "", f"{seconds / 60:.1f} min", f"{share:.0%}")
+        peak = {k: v for k, v in self.extra.items() if k.startswith("perf/peak_")}
+        for key, value in peak.items():
+            label = "peak device memory" if "memory" in key else "peak host memory (RSS)"
+            table.add_row(label, "", f"{value:.1f} GiB", "")
         return table
+
+    def time_split(self) -> list[tuple[str, float, float]]:
+        """``(phase, seconds, share)`` of the timed phases (``timing/<phase>_s`` totals in
+        ``extra``: rollout, weight sync, reward, RL update, SFT, evaluation), largest first."""
+        phases = {k[len("timing/"):-len("_s")].replace("_", " "): v for k, v in self.extra.items()
+                  if k.startswith("timing/") and k.endswith("_s")}
+        total = sum(phases.values())
+        ranked = sorted(phases.items(), key=lambda item: -item[1])
+        return [(name, value, value / total) for name, value in ranked] if total else []
 
     def print(self) -> None:
         Console().print(self.table())

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.evaluation import BenchmarkEvaluation
 from relift_pl.checkpoint import resolve_ckpt_path
+from relift_pl.data.openr1_sample import openr1_sample
 from relift_pl.models import load_policy, load_tokenizer, resolve_model_path
 from relift_pl.module import ReLIFTModule
 from relift_pl.quiet import quiet_known_noise
@@ -24,6 +25,8 @@ from relift_pl.validation import check_config, instantiate_checked
 ROOT = Path(__file__).resolve().parents[1]
 if not OmegaConf.has_resolver("relift_root"):
     OmegaConf.register_new_resolver("relift_root", lambda: str(ROOT))
+if not OmegaConf.has_resolver("openr1_sample"):  # a local parquet in the OpenR1 schema
+    OmegaConf.register_new_resolver("openr1_sample", openr1_sample)
 
 
 def build(
@@ -123,6 +126,7 @@ def fit(cfg: DictConfig) -> FitResult:
         demos_available=datamodule.demos_available,
         wall_seconds=time.time() - started,
         k={name: evaluation.k_of(name) for name in eval_sets} if evaluation else {},
+        extra=dict(module.time_totals),  # where the time went, and the peak memory
     )
     if trainer.is_global_zero:
         summary.print()

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from relift_pl.distributed import world_size_and_rank
+from relift_pl.quiet import quiet_vllm_weight_reload
 from relift_pl.rollout.base import (
     RolloutBatch,
     RolloutEngine,
@@ -218,6 +219,7 @@ class VLLMRolloutEngine(RolloutEngine):
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        quiet_vllm_weight_reload()
         on_cpu = current_platform.is_cpu()
         if on_cpu:
             _check_cpu_head_dim(policy.config)

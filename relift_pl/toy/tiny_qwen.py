@@ -6,7 +6,7 @@ path a real Qwen2.5-Math checkpoint takes is taken: ``AutoTokenizer`` / ``AutoMo
 the reference's ``<think>`` chat template (ChatML whose generation prompt opens ``<think>``),
 stop tokens (its ``generation_config`` names only ``<|endoftext|>``, as Qwen2.5-Math's does, while
 turns end with ``<|im_end|>``), rope_theta 40000 as in the "16k-think" base, untied embeddings as
-in the 7B, and an attention head size vLLM's CPU kernels take. The weights are random: the
+in the 7B, bf16 weights on disk, and an attention head size vLLM's CPU kernels take. The weights are random: the
 rehearsal checks mechanics, not accuracy.
 
 The tokenizer is trained on the run's own text (MATH problems and solutions plus the system
@@ -27,14 +27,15 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from relift_pl.data.templates import QWEN_THINK_TEMPLATE
 
-VERSION = 1
+VERSION = 3
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 METADATA_FILE = "tiny_qwen.json"
 
 
 def corpus_texts(corpus_file: str | Path | None, extra: tuple[str, ...] = (), limit: int = 4000) -> list[str]:
     """Problems and solutions of a JSON Lines file (MATH's fields) plus ``extra`` texts."""
-    texts = [QWEN_THINK_TEMPLATE, "<think>\n</think>\n\nThe final answer is $\\boxed{42}$.", *extra]
+    # Repeated: BPE merges the most frequent pairs, and each of these appears in every prompt.
+    texts = [QWEN_THINK_TEMPLATE, "<think>\n</think>\n\nThe final answer is $\\boxed{42}$.", *extra] * 100
     if corpus_file and Path(corpus_file).exists():
         with open(corpus_file, encoding="utf-8") as handle:
             for line, _ in zip(handle, range(limit)):
@@ -116,7 +117,9 @@ def ensure_tiny_qwen(
         # Like Qwen2.5-Math's: generation stops only on <|endoftext|> (turns end with <|im_end|>).
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.bos_token_id = tokenizer.eos_token_id
-        model.save_pretrained(tmp)
+        # Saved in bf16 like Qwen's releases: the trainer then raises it to fp32 master weights
+        # and the final export goes back to the checkpoint's dtype, as at 7B.
+        model.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(settings, indent=1))
         if target.exists():  # another process built it meanwhile
