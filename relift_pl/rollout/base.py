@@ -67,6 +67,9 @@ class RolloutBatch:
     response_mask: Tensor  # [N, R] 1 on generated tokens, the EOS included
     finish_reasons: list[str]  # N x "stop" (ended with EOS) | "length" (hit max_new_tokens)
     logprobs: Tensor | None = None  # [N, R] the engine's log-prob of each sampled token, if asked
+    # [N] bool, True on rows holding a demonstration instead of a sample (LUFFY's off-policy rows,
+    # relift_pl.update.mixing); None: every row was sampled by the engine.
+    off_policy: Tensor | None = None
 
     @property
     def input_ids(self) -> Tensor:  # [N, P + R]
