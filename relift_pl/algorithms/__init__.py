@@ -15,6 +15,7 @@ from relift_pl.algorithms.losses import (
     aggregate_loss,
     kl_k3,
     masked_mean,
+    policy_shaping,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "logprobs_from_logits",
     "masked_mean",
     "policy_logprobs",
+    "policy_shaping",
 ]

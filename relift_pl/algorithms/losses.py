@@ -8,6 +8,8 @@
 - KL penalty with the k3 estimator exp(d) - d - 1, d = ref_logp - logp (Schulman 2020, "Approximating
   KL Divergence", joschu.net/blog/kl-approx.html). Off by default in ReLIFT.
 - SFT: token-mean NLL on the demonstration tokens minus an entropy bonus (ReLIFT, Ma et al. 2025).
+- Policy shaping on off-policy (demonstration) tokens: LUFFY (Yan et al. 2025, arXiv 2504.14945)
+  replaces the ratio by f(pi_theta) = pi_theta / (pi_theta + gamma), unclipped, gamma = 0.1.
 
 Deviation from the plain formulas, for numerical safety only: the log-ratio and the k3 log-difference
 are clamped to [-20, 20] (as verl does), so a garbage padding token cannot make exp() overflow into a
@@ -111,6 +113,26 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.exp(diff) - diff - 1.0
 
 
+def policy_shaping(logprobs: Tensor, gamma: float | None) -> Tensor:
+    """LUFFY's regularised importance weight of off-policy tokens: f(p) = p / (p + gamma).
+
+    p = pi_theta(token) = exp(logprobs), with gradient; the demonstrator's probability is taken
+    as 1 and no old (behaviour) log-prob enters (LUFFY's ``compute_token_on_off_policy_loss``:
+    ``off_ratio = exp(log_prob)``, reshaped ``p_div_p_0.1``). The gradient of -A f(p) is
+    -A gamma p / (p + gamma)^2 * grad log p: tokens the policy finds unlikely (p ~ gamma) weigh
+    most, instead of p * grad log p (plain IS, which ignores them) or grad log p (SFT).
+
+    Args:
+        logprobs: [N, T] current policy log-probs of the demonstration tokens (with grad).
+        gamma: the regulariser (LUFFY: 0.1); None: f(p) = p, LUFFY's ablation without shaping.
+
+    Returns:
+        [N, T] f(p) in [0, 1 / (1 + gamma)].
+    """
+    probs = logprobs.exp()  # [N, T]
+    return probs if gamma is None else probs / (probs + gamma)
+
+
 def _check_non_negative(**kwargs: float) -> None:
     for name, value in kwargs.items():
         if value < 0:
@@ -127,6 +149,9 @@ class PolicyGradientLoss(nn.Module):
 
     loss = agg(pg) - entropy_coef * agg(entropy) + kl_coef * agg(kl_k3(logp, ref_logp)), where
     pg = -A * ratio, or with the clip max(-A * ratio, -A * clamp(ratio, 1 - low, 1 + high)).
+    On the rows marked ``off_policy`` (LUFFY's demonstrations) pg = -A * policy_shaping(logp),
+    never clipped and never IS-weighted; one aggregation covers both kinds of tokens, as in
+    LUFFY.
 
     Args:
         clip: apply the PPO clip (the ReLIFT reference run does not).
@@ -136,6 +161,8 @@ class PolicyGradientLoss(nn.Module):
         loss_constant: normaliser for agg_mode "constant" (max response length); None -> T.
         entropy_coef: weight of the entropy bonus.
         kl_coef: weight of the k3 KL penalty to the reference model.
+        shaping_gamma: gamma of the policy shaping on off-policy tokens (LUFFY: 0.1); None:
+            f(p) = p (no shaping).
     """
 
     def __init__(
@@ -147,8 +174,11 @@ class PolicyGradientLoss(nn.Module):
         loss_constant: float | None = None,
         entropy_coef: float = 0.0,
         kl_coef: float = 0.0,
+        shaping_gamma: float | None = 0.1,
     ) -> None:
         super().__init__()
+        if shaping_gamma is not None and not shaping_gamma > 0:
+            raise ValueError(f"shaping_gamma must be > 0 or null, got {shaping_gamma}")
         _check_non_negative(
             clip_ratio_low=clip_ratio_low,
             clip_ratio_high=clip_ratio_high,
@@ -164,6 +194,7 @@ class PolicyGradientLoss(nn.Module):
         self.loss_constant = loss_constant
         self.entropy_coef = entropy_coef
         self.kl_coef = kl_coef
+        self.shaping_gamma = shaping_gamma
 
     def forward(
         self,
@@ -175,6 +206,7 @@ class PolicyGradientLoss(nn.Module):
         entropy: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
         is_weights: Tensor | None = None,
+        off_policy: Tensor | None = None,
         num_tokens: Count = None,
         num_seqs: Count = None,
         seq_width: float | None = None,
@@ -189,6 +221,8 @@ class PolicyGradientLoss(nn.Module):
             entropy: [N, T] policy entropy per position; needed if entropy_coef > 0.
             ref_logprobs: [N, T] reference-model log-probs; needed if kl_coef > 0.
             is_weights: [N, T] truncated importance-sampling weights (already capped); detached.
+            off_policy: [N] bool, True on rows that are demonstrations (LUFFY): their tokens
+                get policy shaping; ``old_logprobs`` and ``is_weights`` are ignored there.
             num_tokens: global token count for aggregation, see `aggregate_loss`.
             num_seqs: global sequence count for aggregation, see `aggregate_loss`.
             seq_width: the "constant" normaliser when ``loss_constant`` is None: pass the whole
@@ -198,7 +232,9 @@ class PolicyGradientLoss(nn.Module):
         Returns:
             (loss, metrics). Metrics are detached scalars: "pg_loss" (the aggregated pg term, so
             micro-batch values sum to the batch value under global counts), and local token means
-            "clip_frac", "ratio_mean", "entropy" (if given), "kl" (if ref_logprobs given).
+            "clip_frac", "ratio_mean", "entropy" (if given), "kl" (if ref_logprobs given); with
+            ``off_policy``, means over the off-policy tokens: "off_policy_prob" (p) and
+            "shaped_prob" (f(p)).
         """
         if self.entropy_coef > 0 and entropy is None:
             raise ValueError("entropy_coef > 0 but no entropy was passed")
@@ -222,6 +258,17 @@ class PolicyGradientLoss(nn.Module):
             pg = torch.maximum(pg, pg_clipped)
         if is_weights is not None:
             pg = pg * is_weights.detach()
+        shaped_metrics = {}
+        if off_policy is not None:
+            off_tokens = off_policy.bool().unsqueeze(-1).expand_as(pg)  # [N, T]
+            shaped = policy_shaping(logprobs, self.shaping_gamma)  # [N, T]
+            pg = torch.where(off_tokens, -adv * shaped, pg)  # no clip on demonstration tokens
+            clipped = clipped & ~off_tokens
+            off_mask = response_mask * off_tokens
+            shaped_metrics = {
+                "off_policy_prob": masked_mean(logprobs.detach().exp(), off_mask),
+                "shaped_prob": masked_mean(shaped.detach(), off_mask),
+            }
 
         pg_loss = agg(pg)
         loss = pg_loss
@@ -229,6 +276,7 @@ class PolicyGradientLoss(nn.Module):
             "pg_loss": pg_loss.detach(),
             "clip_frac": masked_mean(clipped.float(), response_mask),
             "ratio_mean": masked_mean(ratio.detach(), response_mask),
+            **shaped_metrics,
         }
         if entropy is not None:
             metrics["entropy"] = masked_mean(entropy.detach(), response_mask)
