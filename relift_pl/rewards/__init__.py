@@ -1,4 +1,9 @@
-"""Rewards: answer extraction and math-verify grading in worker processes."""
+"""Rewards: answer extraction and math-verify grading in worker processes.
+
+The grader (``MathVerifyReward``, ``RewardOutput``) is imported on first use: the data package
+needs the extraction helpers only, and machines without math-verify (the GPU smoke image) can
+still build prompts and train.
+"""
 
 from relift_pl.rewards.extract import (
     extract_choice_letter,
@@ -6,7 +11,6 @@ from relift_pl.rewards.extract import (
     normalize_answer,
     split_think,
 )
-from relift_pl.rewards.verifier import MathVerifyReward, RewardOutput
 
 __all__ = [
     "MathVerifyReward",
@@ -16,3 +20,11 @@ __all__ = [
     "normalize_answer",
     "split_think",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("MathVerifyReward", "RewardOutput"):
+        from relift_pl.rewards import verifier
+
+        return getattr(verifier, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

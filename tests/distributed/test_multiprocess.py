@@ -108,7 +108,9 @@ def test_master_weights_stay_fp32_under_fsdp2_bf16_mixed(tmp_path):
     from relift_pl.models import load_policy, resolve_model_path
 
     run = [*QUICK_TOY, "max_steps=1", "trainer=fsdp", "trainer.precision=bf16-mixed",
-           "algorithm.rl_optimizer.lr=1e-6", "algorithm.sft_optimizer.lr=1e-6",
+           # SFT lr 0: its AdamW steps (its state is checked) but moves nothing, so the moved
+           # share is one RL step's (two fresh AdamWs' first steps, +-lr each, can cancel exactly).
+           "algorithm.rl_optimizer.lr=1e-6", "algorithm.sft_optimizer.lr=0",
            "data.train_rows.levels=[3]", "algorithm.buffer_selection=all",  # RL signal and an SFT step
            "algorithm.pg_loss.entropy_coef=0.001",  # a gradient even where advantages are all 0
            "callbacks.evaluation.before_training=false", "callbacks.evaluation.after_training=false"]
