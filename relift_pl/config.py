@@ -72,6 +72,12 @@ class AlgorithmConfig:
     sft_loss_coef: float = 0.0
     """RL-with-SFT-loss: every RL step's loss adds this x the SFT loss of the step's
     demonstrations (all prompts; one optimizer, the RL one). 0: off."""
+    mix_demos: bool = False
+    """LUFFY: each prompt's demonstration replaces the last of its G rollouts (G-1 samples + 1
+    off-policy row), rewarded by the same reward and advantaged with its group; its tokens get
+    ``pg_loss.shaping_gamma`` policy shaping, unclipped. Prompts without one, or whose
+    demonstration is longer than ``rollout.sampling.max_new_tokens`` (skipped, counted in
+    ``luffy/demos_too_long``), keep G samples."""
     buffer_selection: str = "hardest"
     """Which prompts' demonstrations enter the buffer: ``hardest`` (all G rollouts failed; ReLIFT),
     ``all`` (every prompt; SFT on all demonstrations) or ``random`` (as many as were hardest, drawn
@@ -126,6 +132,11 @@ class AlgorithmConfig:
         need(self.sft_loss_coef >= 0, "sft_loss_coef", ">= 0", self.sft_loss_coef)
         need(self.sft_loss_coef == 0 or self.rl_enabled, "sft_loss_coef",
              "0 when rl_enabled is false (it is added to RL steps)", self.sft_loss_coef)
+        need(not self.mix_demos or self.rl_enabled, "mix_demos",
+             "false when rl_enabled is false (demonstrations join rollout groups)", self.mix_demos)
+        need(not (self.mix_demos and self.sft_enabled), "mix_demos",
+             "false with sft_enabled (a group holding its rewarded demonstration is never hardest;"
+             " algorithm=luffy turns the SFT steps off)", self.mix_demos)
         if self.rl_enabled:
             need(self.pg_loss is not None, "pg_loss", "set when rl_enabled", None)
             need(self.rl_optimizer is not None, "rl_optimizer", "set when rl_enabled", None)

@@ -36,13 +36,14 @@ from relift_pl.algorithms.mismatch import check_logprob_bound, resolve_logprob_b
 from relift_pl.buffer import DemonstrationBuffer, demo_row
 from relift_pl.checkpoint import rng_state, set_rng_state
 from relift_pl.config import AlgorithmConfig
-from relift_pl.distributed import all_gather_objects, world_size_and_rank
+from relift_pl.distributed import all_gather_objects, all_reduce_sum, world_size_and_rank
 from relift_pl.metrics import StepMetrics
 from relift_pl.perf import device_peak_flops, peak_memory_gb, training_flops
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from relift_pl.stop_tokens import stop_token_ids
 from relift_pl.update import rl_update, sft_update
 from relift_pl.update.common import move_optimizer_state
+from relift_pl.update.mixing import mix_demonstrations
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +333,7 @@ class ReLIFTModule(L.LightningModule):
             with self._timed("rollout"):
                 rollout = self.generate([row["prompt_ids"] for row in batch], self.sampling)  # 1.
             metrics.add("timing/weight_sync_s", self._sync_seconds, reduce="max")
+            rollout, mixed_ids = self._mix_demos(batch, rollout)  # LUFFY: demos join their groups
             responses = self.decode_responses(rollout)
             golds = [row["answer"] for row in batch for _ in range(self.algo.group_size)]
             with self._timed("reward"):
@@ -342,7 +344,7 @@ class ReLIFTModule(L.LightningModule):
             )
             demos = self._batch_demos(batch) if self.algo.sft_loss_coef else None
             with self._timed("rl_update"):
-                rl_update(self, rollout, advantages, metrics, demos)  # 4.
+                rl_update(self, rollout, advantages, metrics, demos, mixed_ids)  # 4.
             trained_tokens += int(rollout.attention_mask.sum())
             self._rollout_metrics(rollout, rewards, scored)
             record = StepRecord(batch, rewards.view(-1, self.algo.group_size), responses)
@@ -375,18 +377,41 @@ class ReLIFTModule(L.LightningModule):
         due = schedule == "buffer" or (self.step_count + 1) % self.algo.sft_interval == 0
         return buffer.pop() if due and buffer.ready else None
 
+    def _mix_demos(
+        self, batch: list[dict[str, Any]], rollout: RolloutBatch
+    ) -> tuple[RolloutBatch, list[str] | None]:
+        """LUFFY (``algorithm.mix_demos``): each prompt's demonstration replaces the last sample
+        of its group (:func:`relift_pl.update.mixing.mix_demonstrations`). Returns the batch and
+        the ids of every rank's mixed demonstrations (None when off)."""
+        if not self.algo.mix_demos:
+            return rollout, None
+        mixed, too_long = mix_demonstrations(
+            rollout, batch, self.algo.group_size, self.tokenizer.pad_token_id,
+            self.sampling.max_new_tokens,
+        )  # fmt: skip
+        has_demo = mixed.off_policy.view(len(batch), -1).any(-1).tolist()  # [B]
+        self.metrics.add("luffy/demos_mixed", sum(has_demo))
+        self.metrics.add("luffy/demos_too_long", len(too_long))
+        return mixed, all_gather_objects([str(r["id"]) for r, m in zip(batch, has_demo) if m])
+
     @staticmethod
     def _batch_demos(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Every rank's prompts of the step that have a demonstration, the same list on all ranks."""
         return all_gather_objects([demo_row(row) for row in batch if row.get("demo_ids")])
 
     def _rollout_metrics(self, rollout: RolloutBatch, rewards: Tensor, scored) -> None:
-        lengths = rollout.response_lengths.float()
         add = self.metrics.add
-        add("train/reward_mean", rewards.mean(), reduce="mean")  # ranks hold equal shares
+        sampled = torch.ones_like(rewards, dtype=torch.bool)  # [N] the policy's own samples
+        if rollout.off_policy is not None:  # LUFFY: train/* describe the samples, luffy/* demos
+            sampled = ~rollout.off_policy
+            demos = rollout.off_policy.float()  # [N]
+            total, count = all_reduce_sum(torch.stack([rewards @ demos, demos.sum()]).to(self.device))
+            add("luffy/demo_reward_mean", total / count.clamp(min=1), reduce="same")  # their accuracy
+        lengths = rollout.response_lengths[sampled].float()
+        add("train/reward_mean", rewards[sampled].mean(), reduce="mean")  # ranks hold equal shares
         add("train/response_length_mean", lengths.mean(), reduce="mean")
         add("train/response_length_max", lengths.max(), reduce="max")
-        add("train/truncated_frac", rollout.truncated.float().mean(), reduce="mean")
+        add("train/truncated_frac", rollout.truncated[sampled].float().mean(), reduce="mean")
         add("reward/timeouts", float(getattr(scored, "timeouts", 0)))
         add("reward/failures", float(getattr(scored, "failures", 0)))
         add("perf/generated_tokens", lengths.sum())

@@ -25,6 +25,7 @@ from relift_pl.update.common import (
     optimizer_step,
     plan,
 )
+from relift_pl.update.mixing import off_policy_token_mask
 from relift_pl.update.sft import sft_backward
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 # Token-mean metrics of the PG loss: weighted by tokens so that ranks and micro-batches combine
 # into the mean over all tokens of the mini-batch.
 _TOKEN_MEANS = ("entropy", "clip_frac", "ratio_mean", "kl")
+# LUFFY: means over the demonstration tokens, weighted the same way by off-policy tokens.
+_OFF_POLICY_MEANS = ("off_policy_prob", "shaped_prob")
 
 
 def mini_batches(num_rows: int, count: int) -> list[list[int]]:
@@ -51,6 +54,7 @@ def rl_update(
     advantages: Tensor,
     metrics: StepMetrics,
     demos: list[dict[str, Any]] | None = None,
+    mixed_ids: list[str] | None = None,
 ) -> None:
     """PG update with the RL optimizer; metrics go into ``metrics`` (``rl/*``, ``rollout/*``).
 
@@ -61,12 +65,18 @@ def rl_update(
         metrics: the step's metrics.
         demos: RL-with-SFT-loss: every optimizer step also carries ``sft_loss_coef`` x the SFT
             loss of these demonstrations (the same list on every rank).
+        mixed_ids: LUFFY: ids of the demonstrations mixed into the rollouts of every rank
+            (``rollout.off_policy`` marks this rank's); like ``demos`` they count as used when an
+            optimizer step of this update is applied.
     """
     algo, device = module.algo, module.device
     input_ids = rollout.input_ids.to(device)  # [N, P + R]
     attention_mask = rollout.attention_mask.to(device)  # [N, P + R]
     response_mask = rollout.response_mask.to(device).float()  # [N, R]
     advantages = advantages.to(device)  # [N]
+    off_policy = None if rollout.off_policy is None else rollout.off_policy.to(device)  # [N] bool
+    off_tokens = off_policy_token_mask(response_mask, off_policy)  # [N, R]
+    sampled_mask = response_mask - off_tokens  # [N, R] tokens the engine sampled
     prompt_width = rollout.prompt_ids.shape[1]
     prompt_lengths, response_lengths = row_lengths(rollout.prompt_mask, rollout.response_mask)
     temperature = module.sampling.temperature
@@ -102,6 +112,7 @@ def rl_update(
     version = module.weights_version
     for mini in minis:
         num_tokens = all_reduce_sum(response_mask[mini].sum())
+        num_off_tokens = None if off_policy is None else all_reduce_sum(off_tokens[mini].sum())
         num_seqs = all_reduce_sum(torch.tensor(float(len(mini)), device=device))
         micro = micro_plan(mini)
         for i, mb in enumerate(micro):
@@ -116,10 +127,11 @@ def rl_update(
             is_weights = None
             if module.tis_cap and engine_logprobs is not None:
                 is_weights = truncated_is_weights(
-                    old, engine_logprobs[rows, :width], mask, module.tis_cap
+                    old, engine_logprobs[rows, :width], sampled_mask[rows, :width], module.tis_cap
                 )
             loss, parts = module.pg_loss(
                 logprobs, old, advantages[rows], mask, entropy=entropy, is_weights=is_weights,
+                off_policy=None if off_policy is None else off_policy[rows],
                 ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows, :width],
                 num_tokens=num_tokens, num_seqs=num_seqs, seq_width=seq_width,
             )  # fmt: skip
@@ -132,6 +144,10 @@ def rl_update(
             for key in _TOKEN_MEANS:
                 if key in parts:
                     metrics.add(f"rl/{key}", parts[key] * token_share)
+            if off_policy is not None:
+                off_share = off_tokens[rows, :width].sum() / num_off_tokens.clamp(min=1) * share
+                for key in _OFF_POLICY_MEANS:
+                    metrics.add(f"luffy/{key}", parts[key] * off_share)
             if mb.weight:
                 trainer_old[rows, :width] = old
                 if is_weights is not None:
@@ -141,10 +157,14 @@ def rl_update(
                          metric_scale=1 / k)
         grad_norm = optimizer_step(module, optimizer, algo.rl_grad_clip, "rl")
         metrics.add("rl/grad_norm", grad_norm / k, reduce="same")
-    if demos and module.weights_version != version:
-        module.demos_used.update(str(row["id"]) for row in demos)
-    if engine_logprobs is not None:
-        mismatch_metrics(module, trainer_old, engine_logprobs, response_mask, tis_weights, metrics)
+    if module.weights_version != version:
+        module.demos_used.update(str(row["id"]) for row in demos or ())
+        module.demos_used.update(mixed_ids or ())
+    if off_policy is not None:
+        metrics.add("luffy/off_policy_token_frac",
+                    all_reduce_sum(off_tokens.sum()) / all_reduce_sum(response_mask.sum()), "same")
+    if engine_logprobs is not None:  # demonstrations have no engine log-probs: sampled rows only
+        mismatch_metrics(module, trainer_old, engine_logprobs, sampled_mask, tis_weights, metrics)
 
 
 def mismatch_metrics(

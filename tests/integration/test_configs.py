@@ -91,9 +91,12 @@ def test_algorithms_instantiate_and_validate(make_cfg, algorithm):
     assert algo.rl_enabled == (algorithm != "sft")
     # Buffered SFT steps: ReLIFT and its ablations, and SFT-only; the other baselines fine-tune
     # through a warm-up phase or an added loss instead.
-    assert algo.sft_enabled == (algorithm not in ("grpo", "sft_then_rl", "rl_with_sft_loss"))
+    assert algo.sft_enabled == (algorithm not in ("grpo", "sft_then_rl", "rl_with_sft_loss", "luffy"))
     assert (algo.sft_warmup_steps > 0) == (algorithm == "sft_then_rl")
     assert (algo.sft_loss_coef > 0) == (algorithm == "rl_with_sft_loss")
+    # LUFFY uses demonstrations inside the RL step (mixed groups), with policy shaping gamma 0.1.
+    assert algo.mix_demos == (algorithm == "luffy")
+    assert algo.pg_loss is None or algo.pg_loss.shaping_gamma == 0.1
 
 
 def test_unknown_key_is_rejected(make_cfg):
