@@ -6,6 +6,8 @@ One ``training_step`` reads as the method does:
      micro-batches -> accumulated gradients)
   5. one SFT step on M buffered demonstrations when the buffer is full
      (:func:`relift_pl.update.sft_update`, its own optimizer)
+LUFFY (``algorithm=luffy``) is the same step with each prompt's demonstration put in place of one
+of its rollouts between 1 and 2 (:mod:`relift_pl.update.mixing`), and no SFT step.
 Callbacks decide *when* side work happens (weight sync before a rollout, mining the hardest
 questions after the RL update, evaluation); optimizer steps happen only in this module's update
 units.
