@@ -161,8 +161,8 @@ def rl_update(
         module.demos_used.update(str(row["id"]) for row in demos or ())
         module.demos_used.update(mixed_ids or ())
     if off_policy is not None:
-        metrics.add("luffy/off_policy_token_frac",
-                    all_reduce_sum(off_tokens.sum()) / all_reduce_sum(response_mask.sum()), "same")
+        off, total = all_reduce_sum(torch.stack([off_tokens.sum(), response_mask.sum()]))
+        metrics.add("luffy/off_policy_token_frac", off / total.clamp(min=1), reduce="same")
     if engine_logprobs is not None:  # demonstrations have no engine log-probs: sampled rows only
         mismatch_metrics(module, trainer_old, engine_logprobs, sampled_mask, tis_weights, metrics)
 
