@@ -257,7 +257,7 @@ class BenchmarkEvaluation(L.Callback):
         for start in range(0, per_rank, self.batch_prompts):
             chunk = mine[start : start + self.batch_prompts]
             prompts = [row["prompt_ids"] for row in chunk] or [rows[0]["prompt_ids"]]
-            batch = module.generate(prompts, sampling)
+            batch = module.generate(prompts, sampling, purpose=f"evaluation of {name}")
             if not chunk:
                 continue
             texts = module.decode_responses(batch)

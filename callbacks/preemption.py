@@ -84,7 +84,7 @@ class PreemptionCheckpoint(L.Callback):
 
     def _save_and_stop(self, trainer: L.Trainer, module) -> None:
         self.saved_path = self.dirpath / "preempted.ckpt"
-        trainer.save_checkpoint(self.saved_path)
+        trainer.save_checkpoint(self.saved_path, weights_only=False)  # everything, to resume
         module.preempted = True  # the module skips any further step
         trainer.should_stop = True
         if trainer.is_global_zero:

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from callbacks.evaluation import BenchmarkEvaluation, SetScore, metrics_of
 from relift_pl.checkpoint import RESUMABLE_NAMES, check_checkpoint_file, resolve_ckpt_path
+from relift_pl.config import ConfigError
 from relift_pl.module import ReLIFTModule
 from relift_pl.results import write_results
 from relift_pl.train import build
@@ -97,7 +98,7 @@ def run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> DictC
     run_dir = Path(cfg.run_dir)
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"run_dir={run_dir} has no .hydra/config.yaml: pass the folder of a train.py run "
             "(outputs/<date>/<time>, or its hydra.run.dir)"
         )
@@ -117,7 +118,7 @@ def run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> DictC
             continue
         missing = OmegaConf.select(cfg, key, default=KeyError, throw_on_resolution_failure=False)
         if missing is KeyError:
-            raise ValueError(
+            raise ConfigError(
                 f"run_dir: the override {override.input_line} sets keys across the config (a "
                 "global group such as experiment=); with run_dir=, override single keys"
             )
@@ -125,16 +126,21 @@ def run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> DictC
     for key in dict.fromkeys([*_JOB_KEYS, *explicit]):
         OmegaConf.update(run, key, _raw(cfg, key), merge=False, force_add=True)
     if not any(k in ("ckpt_path", "model", "model.name_or_path") for k in explicit):
-        if (run_dir / FINAL_MODEL).is_dir():
-            run.model.name_or_path, run.model.build = str(run_dir / FINAL_MODEL), None
+        final = run_dir / FINAL_MODEL
+        try:
+            checkpoint = resolve_ckpt_path("last", run_dir)
+        except FileNotFoundError:
+            checkpoint = None
+        # final_model/ unless a checkpoint is newer (the run was resumed past it and stopped).
+        if final.is_dir() and (checkpoint is None or final.stat().st_mtime >= Path(checkpoint).stat().st_mtime):
+            run.model.name_or_path, run.model.build = str(final), None
+        elif checkpoint is not None:
+            run.ckpt_path = checkpoint
         else:
-            try:
-                run.ckpt_path = resolve_ckpt_path("last", run_dir)
-            except FileNotFoundError as err:
-                raise FileNotFoundError(
-                    f"run_dir={run_dir} has no {FINAL_MODEL}/ and no checkpoints/"
-                    f"{' or '.join(RESUMABLE_NAMES)}: pass ckpt_path=<one of its checkpoints>"
-                ) from err
+            raise ConfigError(
+                f"run_dir={run_dir} has no {FINAL_MODEL}/ and no checkpoints/"
+                f"{' or '.join(RESUMABLE_NAMES)}: pass ckpt_path=<one of its checkpoints>"
+            )
     OmegaConf.set_struct(run, True)
     return run
 

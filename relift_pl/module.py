@@ -24,7 +24,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,8 +277,13 @@ class ReLIFTModule(L.LightningModule):
             if callable(fn):
                 fn(self.trainer, self, *args)
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> RolloutBatch:
-        """Samples from the current policy; callbacks get ``on_before_rollout`` first (weight sync)."""
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, purpose: str | None = None
+    ) -> RolloutBatch:
+        """Samples from the current policy; callbacks get ``on_before_rollout`` first (weight sync).
+
+        ``purpose`` names the caller in errors (e.g. ``evaluation of aime24``); None: training.
+        """
         started = time.perf_counter()
         self._notify("on_before_rollout")
         self._sync_seconds += time.perf_counter() - started
@@ -289,12 +294,17 @@ class ReLIFTModule(L.LightningModule):
                 f"is at {self.weights_version}: no callback pushed the weights. Keep "
                 "callbacks.vllm_weight_sync (callbacks.VLLMWeightSync) in the callbacks config."
             )
-        where = (  # steps numbered as logged: the one in progress is step_count + 1
-            f"rollout engine {type(engine).__name__} at training step {self.step_count + 1} "
-            f"(RL step {self.rl_step + 1}), {len(prompt_ids)} prompts x n={sampling.n}"
+        when = (  # steps numbered as logged: the one in progress is step_count + 1
+            f"during {purpose} after training step {self.step_count}" if purpose else
+            f"at training step {self.step_count + 1} (RL step {self.rl_step + 1})"
         )
+        where = f"rollout engine {type(engine).__name__} {when}, {len(prompt_ids)} prompts x n={sampling.n}"
+        # An engine that samples from the policy (HF) computes in the run's precision, in
+        # evaluations too (outside training_step); vLLM leaves the trainer's context itself.
+        precision = self._trainer.precision_plugin.forward_context() if self._trainer else nullcontext()
         try:
-            batch = engine.generate(prompt_ids, sampling)
+            with nullcontext() if engine.needs_weight_sync else precision:
+                batch = engine.generate(prompt_ids, sampling)
         except Exception as err:  # engine internals (CUDA, vLLM workers): say who failed, and when
             raise RuntimeError(f"{where} failed: {type(err).__name__}: {err}") from err
         expected = len(prompt_ids) * sampling.n

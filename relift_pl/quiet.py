@@ -36,8 +36,6 @@ def quiet_known_noise(resuming: bool = False) -> None:
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree",
     )
-    # trainer.save_checkpoint(path) (the preemption checkpoint) saves everything; no choice to make.
-    _drop("lightning.pytorch.trainer.connectors.checkpoint_connector", "`weights_only` was not set")
     if resuming:
         # A resumed run writes into its own checkpoints folder: of course it is not empty.
         warnings.filterwarnings(

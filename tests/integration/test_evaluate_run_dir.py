@@ -22,6 +22,7 @@ from test_evaluate import STUB_REWARD, compose_eval
 
 from callbacks.preemption import PreemptionCheckpoint
 from conftest import compose_cfg
+from relift_pl.config import ConfigError
 from relift_pl.evaluate import evaluate
 from relift_pl.train import fit
 from toy_overrides import QUICK_TOY
@@ -103,7 +104,7 @@ def test_evaluate_run_dir_applies_explicit_overrides(run_dir, tmp_path):
 
 def test_evaluate_run_dir_refuses_a_folder_without_a_saved_config(tmp_path):
     cfg = compose_eval([f"run_dir={tmp_path}"], tmp_path / "eval")
-    with pytest.raises(FileNotFoundError, match="has no .hydra/config.yaml"):
+    with pytest.raises(ConfigError, match="has no .hydra/config.yaml"):
         evaluate(cfg, [f"run_dir={tmp_path}"])
 
 
@@ -132,3 +133,22 @@ def test_a_preempted_run_says_so_and_evaluate_scores_its_checkpoint(tmp_path, mo
     evaluated = evaluate(compose_eval([f"run_dir={out}"], tmp_path / "eval"), [f"run_dir={out}"])
     assert "preempted.ckpt" in (tmp_path / "eval" / "results.md").read_text()
     assert 0 <= evaluated.metrics["val/avg"] <= 1
+
+
+def test_a_checkpoint_newer_than_final_model_is_scored_instead(tmp_path):
+    # A finished run resumed past its final_model/ and stopped: the newer checkpoint holds it.
+    from relift_pl.evaluate import run_config
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(compose_cfg([], output_dir=run), run / ".hydra" / "config.yaml")
+    (run / "final_model").mkdir()
+    (run / "checkpoints").mkdir()
+    checkpoint = run / "checkpoints" / "preempted.ckpt"
+    torch.save({"state_dict": {}}, checkpoint)
+    os.utime(run / "final_model", (1, 1))  # older than the checkpoint
+    cfg = compose_eval([f"run_dir={run}"], tmp_path / "eval")
+    assert run_config(cfg, overrides=[f"run_dir={run}"]).ckpt_path == str(checkpoint)
+    os.utime(checkpoint, (0, 0))  # now final_model/ is the newer one
+    picked = run_config(cfg, overrides=[f"run_dir={run}"])
+    assert picked.model.name_or_path == str(run / "final_model") and picked.get("ckpt_path") is None

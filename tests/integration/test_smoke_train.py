@@ -72,7 +72,7 @@ def test_tensorboard_has_required_tags_and_samples(smoke):
 def test_summary_reports_before_and_after(smoke):
     result, _ = smoke
     summary = result.summary
-    assert summary.sets() == ["level1", "level2", "level3", "level4"]
+    assert summary.sets() == [("level1", 2), ("level2", 2), ("level3", 2), ("level4", 2)]
     assert summary.before.keys() == summary.after.keys()
     assert summary.demos_available == result.datamodule.demos_available > 0
 

@@ -27,7 +27,7 @@ class ScriptedModule:
         self.samples_asked: list[int] = []  # sampling.n of each generate call
         self.step_count, self.max_steps, self.preempted = 0, 2, False
 
-    def generate(self, prompt_ids, sampling):
+    def generate(self, prompt_ids, sampling, purpose=None):
         self.calls += 1
         self.samples_asked.append(sampling.n)
         torch.rand(1)
