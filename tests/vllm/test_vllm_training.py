@@ -82,10 +82,11 @@ def test_logprob_diff_stays_small_after_every_sync(run):
     sync = next(c for c in result.trainer.callbacks if isinstance(c, VLLMWeightSync))
     assert result.module.weights_version >= 4
     assert sync.num_syncs >= 3
-    # Every training step's rollout followed an update, so each timed a push of every tensor.
-    assert [v > 0 for _, v in _scalars(out, "timing/weight_sync_s")] == [True] * 3
+    # Steps 2 and 3 followed updates, so each pushed every tensor (step 1's rollout came right
+    # after the before-training evaluation's push: nothing new to send).
+    assert len(_scalars(out, "timing/weight_sync_s")) == 3
     tensors = len(result.module.policy.state_dict())
-    assert [v for _, v in _scalars(out, "rollout/weight_sync_tensors")] == [tensors] * 3
+    assert [(s, v) for s, v in _scalars(out, "rollout/weight_sync_tensors")] == [(2, tensors), (3, tensors)]
     tis_mean = _scalars(out, "rollout/tis_weight_mean")
     tis_max = _scalars(out, "rollout/tis_weight_max")
     assert len(tis_mean) == 3 and all(abs(v - 1) < 1e-3 for _, v in tis_mean), tis_mean
