@@ -174,7 +174,7 @@ def main(argv=None) -> None:
     from relift_pl.data import ReLIFTDataModule
     from relift_pl.models import load_policy
     from relift_pl.module import ReLIFTModule
-    from relift_pl.train import rollout_sampling
+    from relift_pl.validation import rollout_sampling
 
     cfg = compose(args)
     wl = args.workload
@@ -212,10 +212,19 @@ def main(argv=None) -> None:
         reward_fn=lambda: clock.wrap("reward", BoxedReward()),
         sampling=rollout_sampling(cfg), max_steps=args.steps,
     )
-    for name, attr in (("rollout", "generate"), ("rl_update", "_rl_update"), ("sft", "_sft_update"),
-                       ("logprob_forward", "_logprobs"), ("backward", "_backward"),
-                       ("optimizer", "_optimizer_step")):
-        setattr(module, attr, clock.wrap(name, getattr(module, attr), phase=name == "sft"))
+    module.generate = clock.wrap("rollout", module.generate)
+    # The update units are module-level functions: time them where they are called.
+    import relift_pl.module as module_unit
+    from relift_pl.update import rl as rl_unit
+    from relift_pl.update import sft as sft_unit
+
+    module_unit.rl_update = clock.wrap("rl_update", module_unit.rl_update)
+    module_unit.sft_update = clock.wrap("sft", module_unit.sft_update, phase=True)
+    for unit in (rl_unit, sft_unit):
+        for name, attr in (("logprob_forward", "micro_logprobs"), ("backward", "backward"),
+                           ("optimizer", "optimizer_step")):
+            if hasattr(unit, attr):
+                setattr(unit, attr, clock.wrap(name, getattr(unit, attr)))
 
     rec: dict[str, list] = {"wall": [], "tokens": [], "completions": [], "split": [], "sft_steps": []}
 
@@ -243,8 +252,8 @@ def main(argv=None) -> None:
 
     generate = module.generate
 
-    def counting_generate(prompt_ids, sampling):
-        batch = generate(prompt_ids, sampling)
+    def counting_generate(prompt_ids, sampling, purpose=None):
+        batch = generate(prompt_ids, sampling, purpose)
         module._bench_tokens = int(batch.response_mask.sum())  # kept tokens, EOS included
         return batch
 
