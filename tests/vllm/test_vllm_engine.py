@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from callbacks.vllm_weight_sync import VLLMWeightSync, full_named_tensors
 from conftest import compose_cfg
 from relift_pl.algorithms import policy_logprobs
+from relift_pl.metrics import StepMetrics
 from relift_pl.models import load_policy, load_tokenizer
 from relift_pl.rollout.base import SamplingParams
 from relift_pl.rollout.hf import HFRolloutEngine
@@ -159,7 +160,8 @@ def _train(policy, batch, steps=3, lr=3e-2):
 def _stub_run(engine, policy, version):
     """The slice of trainer/module the sync callback reads."""
     module = SimpleNamespace(
-        rollout_engine=engine, policy=policy, weights_version=version, step_count=0
+        rollout_engine=engine, policy=policy, weights_version=version, step_count=0,
+        metrics=StepMetrics(),
     )
     return SimpleNamespace(loggers=[]), module
 
