@@ -7,7 +7,9 @@ training log and one in ``results.md`` come from the same code.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -20,6 +22,8 @@ from torchmetrics.aggregation import MeanMetric
 
 from relift_pl.distributed import all_gather_objects, all_reduce_sum, world_size_and_rank
 from relift_pl.rollout.base import SamplingParams
+
+log = logging.getLogger(__name__)
 
 # progress(set name, problems scored so far on this rank, problems on this rank)
 Progress = Callable[[str, int, int], None]
@@ -74,6 +78,19 @@ def _check_set_names(key: str, names: Mapping[str, Any] | None, eval_sets: Mappi
             f"callbacks.evaluation.{key} names {sorted(unknown)}, which are not eval sets; the "
             f"eval sets are {sorted(eval_sets)}"
         )
+
+
+class EvaluationStopped(Exception):
+    """A preemption signal arrived during an evaluation; it is abandoned on every rank."""
+
+
+def _stop_requested(trainer, module) -> bool:
+    """Whether any rank received a preemption signal (a collective: every rank calls it)."""
+    from callbacks.preemption import PreemptionCheckpoint
+
+    callbacks = getattr(trainer, "callbacks", ())
+    preemption = next((c for c in callbacks if isinstance(c, PreemptionCheckpoint)), None)
+    return preemption is not None and preemption.stop_agreed(module)
 
 
 class BenchmarkEvaluation(L.Callback):
@@ -146,6 +163,7 @@ class BenchmarkEvaluation(L.Callback):
         self.seed = seed
         self.per_problem_file = per_problem_file
         self.history: list[tuple[int, dict[str, float]]] = []
+        self._should_stop = None  # set while run() evaluates
         self.last_eval_step = -1
         """``module.step_count`` of the newest evaluation; -1 before the first."""
 
@@ -189,7 +207,16 @@ class BenchmarkEvaluation(L.Callback):
         if eval_sets is None:
             eval_sets = getattr(trainer.datamodule, "eval_sets", {}) or {}
         started = time.perf_counter()
-        scores = self.evaluate(module, eval_sets)
+        # A preemption signal stops an evaluation between generate calls (at 7B one evaluation
+        # is many minutes, longer than a scheduler's grace period): nothing of it is logged.
+        self._should_stop = functools.partial(_stop_requested, trainer, module)
+        try:
+            scores = self.evaluate(module, eval_sets)
+        except EvaluationStopped:
+            log.warning("evaluation at step %d stopped by a preemption signal", module.step_count)
+            return {}
+        finally:
+            self._should_stop = None
         seconds = time.perf_counter() - started
         results = metrics_of(scores)
         if scores and self.per_problem_file and trainer.is_global_zero:
@@ -255,6 +282,8 @@ class BenchmarkEvaluation(L.Callback):
         # Every rank runs the same number of generate calls (sharded engines need all ranks).
         per_rank = -(-len(rows) // world)
         for start in range(0, per_rank, self.batch_prompts):
+            if self._should_stop is not None and self._should_stop():  # every rank alike
+                raise EvaluationStopped
             chunk = mine[start : start + self.batch_prompts]
             prompts = [row["prompt_ids"] for row in chunk] or [rows[0]["prompt_ids"]]
             batch = module.generate(prompts, sampling, purpose=f"evaluation of {name}")

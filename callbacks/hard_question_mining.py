@@ -33,8 +33,8 @@ class HardQuestionMining(L.Callback):
     def on_rl_step_end(self, trainer: L.Trainer, module, record) -> None:
         rows, group_rewards = record.rows, record.group_rewards
         if group_rewards is not None:
-            for key, value in self._solve_rates(group_rewards).items():
-                module.metrics.add(key, value, reduce="mean")  # ranks hold equal shares of prompts
+            for key, (count, total) in self._solve_rates(group_rewards, record.sampled).items():
+                module.metrics.add_mean(key, count, total)
         # An SFT warm-up step (no rollouts although RL is on): nothing is known to be hardest, and
         # the warm-up has already trained on these rows' demonstrations.
         if not module.algo.sft_enabled or (group_rewards is None and module.algo.rl_enabled):
@@ -53,13 +53,16 @@ class HardQuestionMining(L.Callback):
         return self._rng.sample(list(rows), k=sum(hardest))
 
     @staticmethod
-    def _solve_rates(group_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
-        solved = (group_rewards > 0).sum(dim=1)  # [B] correct rollouts per prompt
-        group_size = group_rewards.shape[1]
+    def _solve_rates(group_rewards: torch.Tensor, sampled: torch.Tensor | None = None):
+        """``{rate: (prompts, prompts counted)}`` over the policy's own samples of each group
+        (LUFFY's demonstration is not a rollout: it does not make a question solved)."""
+        own = torch.ones_like(group_rewards, dtype=torch.bool) if sampled is None else sampled.bool()
+        solved = (group_rewards * own).gt(0).sum(dim=1)  # [B] correct own samples per prompt
+        prompts = float(group_rewards.shape[0])
         return {
-            "train/solve_none_rate": (solved == 0).float().mean(),
-            "train/solve_all_rate": (solved == group_size).float().mean(),
-            "train/solved_rate": (solved > 0).float().mean(),
+            "train/solve_none_rate": ((solved == 0).float().sum(), prompts),
+            "train/solve_all_rate": ((solved == own.sum(dim=1)).float().sum(), prompts),
+            "train/solved_rate": ((solved > 0).float().sum(), prompts),
         }
 
     def state_dict(self) -> dict[str, Any]:

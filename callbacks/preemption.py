@@ -58,6 +58,11 @@ class PreemptionCheckpoint(L.Callback):
         # Lightning registers its own SIGTERM handler just before training starts (it kills the
         # other ranks' processes and broadcasts from inside the handler): replace it again.
         self._install()
+        # Lightning's teardown (also after an exception) reinstalls the handlers it found when it
+        # registered, ours: point it at the ones from before the run instead.
+        found = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+        if isinstance(found, dict):
+            found.update({sig: handler for sig, handler in self._previous.items() if sig in found})
 
     def _install(self) -> None:
         for sig in self.signals:
@@ -68,18 +73,18 @@ class PreemptionCheckpoint(L.Callback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def _stop_agreed(self, module) -> bool:
+    def stop_agreed(self, module) -> bool:
         """Whether any rank got a signal (one tiny all-reduce: every rank stops at the same step)."""
         flag = torch.tensor(1.0 if self.received is not None else 0.0, device=module.device)
         return float(all_reduce_sum(flag)) > 0
 
     def on_train_batch_start(self, trainer: L.Trainer, module, *args) -> None:
         # A signal that came before this step (during setup or an evaluation): stop before it.
-        if not module.preempted and self._stop_agreed(module):
+        if not module.preempted and self.stop_agreed(module):
             self._save_and_stop(trainer, module)
 
     def on_train_batch_end(self, trainer: L.Trainer, module, *args) -> None:
-        if self._stop_agreed(module):
+        if self.stop_agreed(module):
             self._save_and_stop(trainer, module)
 
     def _save_and_stop(self, trainer: L.Trainer, module) -> None:

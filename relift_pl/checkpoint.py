@@ -78,13 +78,15 @@ class TrainingStepCheckpoint(ModelCheckpoint):
       advances by one or two per training step here: RL and SFT optimizer steps).
     - With ``monitor`` on an evaluation metric (``val/...``), a top-k checkpoint is considered
       at every step that evaluated (the evaluation callback runs first in the same hook), never
-      at a step whose ``val/...`` values are left over from an older evaluation; without a
-      monitor, top-k saves follow the period like ``last``.
+      at a step whose ``val/...`` values are left over from an older evaluation; otherwise top-k
+      saves follow the period like ``last``.
     - ``export_hf``: the final policy is also written as a Hugging Face model directory
       ``<export_dir>/final_model`` and, when a monitored checkpoint becomes the best,
       ``<export_dir>/best_model``.
-    - Nothing is saved at epoch ends or in ``on_train_end`` (a preempted run has just written
-      ``preempted.ckpt``; a finished run resumed for nothing must not rewrite ``last.ckpt``).
+    - Nothing is saved at epoch ends. A preempted step is saved once, as ``preempted.ckpt``; the
+      run that resumes it past ``max_steps`` does the final step's saving and export at its end
+      (``on_train_end``), while a finished run resumed for nothing rewrites nothing.
+    - ``save_last=link`` is refused: a later top-k save deletes the file the link points to.
 
     Args:
         export_hf: write ``final_model`` / ``best_model`` directories.
@@ -98,6 +100,11 @@ class TrainingStepCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         if export_hf and not export_dir:
             raise ValueError("callbacks.checkpoint.export_dir must be set when export_hf is true")
+        if self.save_last == "link":
+            raise ValueError(
+                "callbacks.checkpoint.save_last=link is not supported: a later top-k save deletes "
+                "the checkpoint last.ckpt links to; use save_last=true"
+            )
         self.export_hf = export_hf
         self.export_dir = Path(export_dir) if export_dir else None
         self.export_dtype = export_dtype
@@ -107,12 +114,15 @@ class TrainingStepCheckpoint(ModelCheckpoint):
         step = pl_module.step_count
         if pl_module.preempted or step == self._last_step_saved or trainer.sanity_checking:
             return  # (Lightning's own skip test compares global_step, which a skipped step keeps)
+        self._save(trainer, pl_module, final=step >= pl_module.max_steps)
+
+    def _save(self, trainer, pl_module, final: bool) -> None:
+        step = pl_module.step_count
         n = self._every_n_train_steps
-        final = step >= pl_module.max_steps
         periodic = n >= 1 and step % n == 0
         candidates = self._monitor_candidates(trainer)
         best_before = self.best_model_path
-        if self.monitor is None and periodic or self.monitor is not None and self._evaluated_at(trainer, step):
+        if self._evaluated_at(trainer, step) if self._follows_evaluation else periodic:
             self._save_topk_checkpoint(trainer, candidates)
         if periodic or final:
             self._save_last_checkpoint(trainer, candidates)
@@ -124,24 +134,19 @@ class TrainingStepCheckpoint(ModelCheckpoint):
         if final:
             self._export(trainer, pl_module, "final_model")
 
-    def _evaluated_at(self, trainer, step: int) -> bool:
+    @property
+    def _follows_evaluation(self) -> bool:
+        return self.monitor is not None and self.monitor.startswith("val/")
+
+    @staticmethod
+    def _evaluated_at(trainer, step: int) -> bool:
         """Whether ``val/...`` metrics in ``callback_metrics`` come from an evaluation at ``step``."""
-        if self.monitor is None or not self.monitor.startswith("val/"):
-            return True  # a training metric is fresh at every step
         from callbacks.evaluation import BenchmarkEvaluation
 
         return any(
             getattr(c, "last_eval_step", -1) == step
             for c in trainer.callbacks if isinstance(c, BenchmarkEvaluation)
         )  # fmt: skip
-
-    def _save_last_checkpoint(self, trainer, candidates) -> None:
-        if self.save_last == "link" and self._last_checkpoint_saved and self._last_global_step_saved != trainer.global_step:
-            # Lightning would link last.ckpt to an older top-k file: write it instead.
-            self._save_checkpoint(trainer, self.format_checkpoint_name(candidates, self.CHECKPOINT_NAME_LAST))
-            self.last_model_path = self._last_checkpoint_saved
-            return
-        super()._save_last_checkpoint(trainer, candidates)
 
     def _export(self, trainer, pl_module, name: str) -> None:
         from relift_pl.export import export_hf
@@ -156,7 +161,26 @@ class TrainingStepCheckpoint(ModelCheckpoint):
         pass
 
     def on_train_end(self, trainer, pl_module) -> None:
-        pass
+        # A run resumed from a checkpoint of its final step (preempted there) took no step: its
+        # final saves and export were skipped then, so they happen now, after the evaluation
+        # callback's final evaluation. A finished run resumed again finds them done.
+        step = pl_module.step_count
+        if pl_module.preempted or step < pl_module.max_steps or step == self._last_step_saved:
+            return
+        if self._final_saves_done(trainer):
+            return
+        self._save(trainer, pl_module, final=True)
+
+    def _final_saves_done(self, trainer) -> bool:
+        """Whether the final policy's export (or, without one, last.ckpt) is newer than every
+        checkpoint of the run: then the final step's saves already happened."""
+        folder = Path(self.dirpath)
+        newest = max((p.stat().st_mtime for p in folder.glob("*.ckpt")), default=0.0) if folder.exists() else 0.0
+        if self.export_hf:
+            final = self.export_dir / "final_model"
+            return final.exists() and final.stat().st_mtime >= newest
+        last = folder / "last.ckpt"
+        return last.exists() and last.stat().st_mtime >= newest
 
 
 def check_checkpoint_file(path: str | Path) -> Path:

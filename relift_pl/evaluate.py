@@ -11,6 +11,7 @@ are the run's final evaluation. It runs in one process (one CPU or one GPU).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from relift_pl.module import ReLIFTModule
 from relift_pl.results import write_results
 from relift_pl.train import build
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class EvalResult:
@@ -42,19 +45,17 @@ class EvalResult:
 
 
 def load_checkpoint_weights(module: ReLIFTModule, ckpt_path: str) -> None:
-    """Loads a train.py checkpoint's weights (and counters) into ``module``.
+    """Loads a train.py checkpoint's weights (and counters) into ``module``: a single file, or an
+    FSDP2 sharded folder (only the policy's tensors are read from it, not the optimizers').
 
     Raises:
-        ValueError: a sharded (directory) checkpoint, or weights that do not fit the model.
+        ValueError: weights that do not fit the model.
     """
     path = check_checkpoint_file(ckpt_path)
     if path.is_dir():
-        raise ValueError(
-            f"ckpt_path={ckpt_path} is a sharded (FSDP) checkpoint folder; evaluate.py reads "
-            "single-file checkpoints. Consolidate it first (torch.distributed.checkpoint."
-            "format_utils.dcp_to_torch_save) or evaluate an exported model directory."
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = _load_sharded_weights(module, path)
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     try:
         module.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as err:
@@ -65,6 +66,17 @@ def load_checkpoint_weights(module: ReLIFTModule, ckpt_path: str) -> None:
         ) from err
     if "relift" in checkpoint:
         module.on_load_checkpoint(checkpoint)  # step counters: metrics are logged at that step
+
+
+def _load_sharded_weights(module: ReLIFTModule, folder: Path) -> dict:
+    """``{"state_dict", "relift"}`` of a sharded checkpoint folder, read in this one process."""
+    import torch.distributed.checkpoint as dcp
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    state = {"state_dict": module.state_dict()}
+    dcp.load(state, checkpoint_id=str(folder), no_dist=True)  # reads just these keys
+    meta = torch.load(folder / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    return {**state, "relift": meta.get("relift")} if "relift" in meta else state
 
 
 FINAL_MODEL = "final_model"
@@ -103,6 +115,13 @@ def run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> DictC
             "(outputs/<date>/<time>, or its hydra.run.dir)"
         )
     run = OmegaConf.load(saved)
+    devices, nodes = run.trainer.get("devices", 1), run.trainer.get("num_nodes", 1)
+    if isinstance(devices, int) and devices * int(nodes) > 1:
+        log.warning(
+            "run_dir=%s trained on %d ranks: its evaluations split the problems over ranks, each "
+            "sampling with its own seed, so this one-process scoring draws other samples "
+            "(comparable numbers, not identical ones)", run_dir, devices * int(nodes),
+        )  # fmt: skip
     overrides = _command_line_overrides() if overrides is None else list(overrides)
     explicit = []
     for override in OverridesParser.create().parse_overrides(overrides):

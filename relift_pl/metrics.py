@@ -16,6 +16,7 @@ from torch import Tensor
 from relift_pl.distributed import world_size_and_rank
 
 REDUCTIONS = ("sum", "mean", "max", "same")
+_TOTAL, _COUNT = "_total:", "_count:"  # the two sums behind an add_mean key
 
 
 class StepMetrics:
@@ -36,6 +37,12 @@ class StepMetrics:
             value = value.to(old.device)
             value = torch.maximum(old, value) if reduce == "max" else old + value
         self._values[key] = (reduce, value)
+
+    def add_mean(self, key: str, total: Tensor | float, count: Tensor | float) -> None:
+        """A mean over all ranks' items: ``total`` and ``count`` are summed over ranks and the
+        ratio taken after, so ranks holding different numbers of items weigh by their count."""
+        self.add(f"{_TOTAL}{key}", total)
+        self.add(f"{_COUNT}{key}", count)
 
     def __contains__(self, key: str) -> bool:
         return key in self._values
@@ -58,4 +65,7 @@ class StepMetrics:
                 if kind == "mean":
                     stacked = stacked / world
             out |= dict(zip(keys, stacked.tolist(), strict=True))
+        for key in [k for k in out if k.startswith(_TOTAL)]:
+            name = key[len(_TOTAL):]
+            out[name] = out.pop(key) / max(out.pop(f"{_COUNT}{name}"), 1e-12)
         return out

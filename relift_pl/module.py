@@ -38,7 +38,7 @@ from relift_pl.algorithms.mismatch import check_logprob_bound, resolve_logprob_b
 from relift_pl.buffer import DemonstrationBuffer, demo_row
 from relift_pl.checkpoint import rng_state, set_rng_state
 from relift_pl.config import AlgorithmConfig
-from relift_pl.distributed import all_gather_objects, all_reduce_sum, world_size_and_rank
+from relift_pl.distributed import all_gather_objects, world_size_and_rank
 from relift_pl.metrics import StepMetrics
 from relift_pl.perf import device_peak_flops, peak_memory_gb, training_flops
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
@@ -60,6 +60,9 @@ class StepRecord:
     """[B_local, G] 0/1 rewards, or None when RL is off."""
     responses: list[str] | None
     """B_local * G decoded responses, prompt-major, or None when RL is off."""
+    sampled: Tensor | None = None
+    """[B_local, G] True where the row is the policy's own sample (LUFFY mixes demonstrations
+    into groups); None: all are."""
 
 
 class ReLIFTModule(L.LightningModule):
@@ -359,7 +362,8 @@ class ReLIFTModule(L.LightningModule):
                 rl_update(self, rollout, advantages, metrics, demos, mixed_ids)  # 4.
             trained_tokens += int(rollout.attention_mask.sum())
             self._rollout_metrics(rollout, rewards, scored)
-            record = StepRecord(batch, rewards.view(-1, self.algo.group_size), responses)
+            group = (-1, self.algo.group_size)
+            record = StepRecord(batch, rewards.view(group), responses, self._sampled(rollout).view(group))
             self.rl_step += 1
 
         self._notify("on_rl_step_end", record)  # the mining callback fills the buffer here
@@ -411,19 +415,27 @@ class ReLIFTModule(L.LightningModule):
         """Every rank's prompts of the step that have a demonstration, the same list on all ranks."""
         return all_gather_objects([demo_row(row) for row in batch if row.get("demo_ids")])
 
+    @staticmethod
+    def _sampled(rollout: RolloutBatch) -> Tensor:
+        """[N] True on the policy's own samples (not demonstrations mixed into their group)."""
+        if rollout.off_policy is None:
+            return torch.ones(rollout.response_ids.shape[0], dtype=torch.bool)
+        return ~rollout.off_policy.cpu()
+
     def _rollout_metrics(self, rollout: RolloutBatch, rewards: Tensor, scored) -> None:
-        add = self.metrics.add
-        sampled = torch.ones_like(rewards, dtype=torch.bool)  # [N] the policy's own samples
-        if rollout.off_policy is not None:  # LUFFY: train/* describe the samples, luffy/* demos
-            sampled = ~rollout.off_policy
+        metrics = self.metrics
+        sampled = self._sampled(rollout)  # [N] the policy's own samples (LUFFY mixes in demos)
+        if rollout.off_policy is not None:  # train/* describe the samples, luffy/* the demos
             demos = rollout.off_policy.float()  # [N]
-            total, count = all_reduce_sum(torch.stack([rewards @ demos, demos.sum()]).to(self.device))
-            add("luffy/demo_reward_mean", total / count.clamp(min=1), reduce="same")  # their accuracy
-        lengths = rollout.response_lengths[sampled].float()
-        add("train/reward_mean", rewards[sampled].mean(), reduce="mean")  # ranks hold equal shares
-        add("train/response_length_mean", lengths.mean(), reduce="mean")
-        add("train/response_length_max", lengths.max(), reduce="max")
-        add("train/truncated_frac", rollout.truncated[sampled].float().mean(), reduce="mean")
+            metrics.add_mean("luffy/demo_reward_mean", rewards @ demos, demos.sum())
+        own = sampled.float()  # [N]
+        lengths = rollout.response_lengths.float()  # [N]
+        metrics.add_mean("train/reward_mean", rewards @ own, own.sum())
+        metrics.add_mean("train/response_length_mean", lengths @ own, own.sum())
+        metrics.add_mean("train/truncated_frac", rollout.truncated.float() @ own, own.sum())
+        add = metrics.add
+        add("train/response_length_max", lengths[sampled].max(), reduce="max")
+        lengths = lengths[sampled]
         add("reward/timeouts", float(getattr(scored, "timeouts", 0)))
         add("reward/failures", float(getattr(scored, "failures", 0)))
         add("perf/generated_tokens", lengths.sum())

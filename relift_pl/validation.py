@@ -44,9 +44,37 @@ def check_config(cfg: DictConfig, training: bool) -> CheckedConfig:
     check_sft_only_batch(algorithm, cfg.data.batch_size)
     check_data(cfg.data, training)
     check_reward(cfg.reward)
+    check_eval_set_names(cfg)
     if training:
         check_master_weights(cfg)
+        check_loss_scaling(cfg)
     return CheckedConfig(algorithm, sampling)
+
+
+def check_eval_set_names(cfg: DictConfig) -> None:
+    """Per-set evaluation settings must name eval sets: otherwise the first evaluation, possibly
+    many training steps in, would be where the typo shows."""
+    evaluation = (cfg.get("callbacks") or {}).get("evaluation")
+    sets = set((cfg.data.get("eval_sets") or {}).keys())
+    for key in ("k_per_set", "max_problems"):
+        value = evaluation.get(key) if evaluation is not None else None
+        if isinstance(value, DictConfig):
+            for name in value:
+                if name not in sets:
+                    raise ConfigError(unknown_key_message(
+                        f"callbacks.evaluation.{key}.{name}", sets, "an eval set (data.eval_sets)"
+                    ))  # fmt: skip
+
+
+def check_loss_scaling(cfg: DictConfig) -> None:
+    # 16-mixed scales the loss (GradScaler); the manual optimization here clips the gradients
+    # as they are, still scaled, so it is refused rather than silently mis-clipped.
+    precision = str(cfg.trainer.get("precision"))
+    if precision in ("16-mixed", "16"):
+        raise ConfigError(
+            f"trainer.precision={precision}: fp16 training needs loss scaling, which relift-pl's "
+            "manual optimization does not unscale before clipping; use trainer.precision=bf16-mixed"
+        )
 
 
 def instantiate_checked(node: DictConfig, key: str, **kwargs):

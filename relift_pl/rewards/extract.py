@@ -102,6 +102,7 @@ def normalize_answer(answer: str) -> str:
     - ``E`` (or ``e``) before a subscript becomes ``\\mathsf{E}``: the parser takes ``E`` for
       Euler's number and gives up on ``E_1`` (``\\mathrm`` would not do: math-verify cuts
       ``\\mathrm{...}`` as text).
+    - ``t(0,4]`` (a letter, then an interval with mixed brackets) becomes ``t\\in(0,4]``.
 
     Golds and predictions both go through it, so the rewritten forms still match each other.
     """
@@ -112,7 +113,9 @@ def normalize_answer(answer: str) -> str:
     if sci:
         return f"{sci.group(1)}\\times10^{{{sci.group(2)}}}"
     answer = _COMMAND_SUBSCRIPT.sub(_plain_subscript, answer)
-    return _E_SUBSCRIPT.sub(r"\\mathsf{\1}", answer)
+    answer = _E_SUBSCRIPT.sub(r"\\mathsf{\1}", answer)
+    membership = _MEMBERSHIP.fullmatch(answer)  # "t(0,4]" reads as "t in (0,4]"
+    return f"{membership.group(1)}\\in{membership.group(2)}" if membership else answer
 
 
 # Python notation in golds (Minerva): numpy / math functions and constants, ** powers, "1." floats.
@@ -179,8 +182,7 @@ def normalize_gold(gold: str) -> str:
     gold = _python_to_latex(normalize_answer(gold))
     if derivative := _DERIVATIVE_LHS.match(gold):
         gold = gold[derivative.end() :].strip()
-    membership = _MEMBERSHIP.fullmatch(gold)
-    return f"{membership.group(1)}\\in{membership.group(2)}" if membership else gold
+    return gold
 
 
 _TEXT_WRAPPER = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\{(.*)\}$", re.DOTALL)

@@ -3,7 +3,8 @@
 The batch is split into ``algorithm.num_mini_batches`` mini-batches, one optimizer step each;
 each mini-batch into micro-batches whose gradients accumulate. Losses are normalised by global
 (all micro-batches, all ranks) token and sequence counts, so the update does not depend on
-micro-batching or the world size.
+micro-batching, nor, with one mini-batch, on the world size. With several, each rank splits its
+own rows, so which rollouts share an optimizer step follows the world size.
 """
 
 from __future__ import annotations

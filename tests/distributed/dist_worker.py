@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import compose_cfg  # noqa: E402
 from relift_pl.train import fit  # noqa: E402
 
+
 def _as_list(optimizers):
     return optimizers if isinstance(optimizers, list) else [optimizers]
 

@@ -42,6 +42,9 @@ def _metrics_worker(rank: int, port: int, out_dir: str) -> None:
     for key, value, kind in entries if rank == 0 else reversed(entries):  # any order
         metrics.add(key, torch.tensor(value), reduce=kind)
     metrics.add("loss", 0.5)  # accumulates within the step
+    # A mean over items that ranks hold in unequal numbers: rank 0 has 1 item (1.0), rank 1 has
+    # 3 (0, 0, 1): (1 + 1) / 4, not the mean of the ranks' means (1 + 1/3) / 2.
+    metrics.add_mean("reward_mean", *((1.0, 1.0) if rank == 0 else (1.0, 3.0)))
     torch.save(metrics.reduce(), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -49,7 +52,7 @@ def _metrics_worker(rank: int, port: int, out_dir: str) -> None:
 def test_step_metrics_reduce_by_meaning(tmp_path):
     results = _spawn(_metrics_worker, _free_port(), str(tmp_path))
     # loss: (1 + 0.5) + (2 + 0.5) summed; reward: (0 + 1) / 2; max: 10; same: as held.
-    expected = {"loss": 4.0, "reward": 0.5, "length_max": 10.0, "grad_norm": 7.0}
+    expected = {"loss": 4.0, "reward": 0.5, "length_max": 10.0, "grad_norm": 7.0, "reward_mean": 0.5}
     assert results[0] == results[1] == expected
 
 

@@ -4,13 +4,16 @@ best one chosen on a fresh evaluation, and the final policy as a Hugging Face mo
 from __future__ import annotations
 
 import json
+import signal
 
+import lightning as L
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from callbacks.preemption import PreemptionCheckpoint
 from conftest import compose_cfg
-from relift_pl.train import fit
+from relift_pl.train import build, fit
 from toy_overrides import QUICK_TOY
 
 RUN = [
@@ -99,3 +102,42 @@ def test_best_checkpoint_is_chosen_on_a_fresh_evaluation(tmp_path):
     # The best policy is exported next to the final one.
     assert (out / "best_model" / "model.safetensors").exists()
     assert (out / "final_model" / "model.safetensors").exists()
+
+
+class SignalAtStep(L.Callback):
+    """Delivers a SIGTERM to the preemption callback during the given training step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_rl_step_end(self, trainer, module, record) -> None:
+        if module.step_count + 1 == self.step:
+            preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint))
+            preemption.received = signal.SIGTERM
+
+
+def test_a_run_preempted_in_its_last_step_is_finished_by_its_resume(tmp_path):
+    out = tmp_path / "run"
+    cfg = compose_cfg([*RUN, "max_steps=2", "callbacks.checkpoint.every_n_train_steps=1"], output_dir=out)
+    trainer, module, datamodule = build(cfg)
+    trainer.callbacks.append(SignalAtStep(2))
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        module.teardown("fit")
+    folder = out / "checkpoints"
+    assert module.preempted and _step_of(folder / "preempted.ckpt") == 2
+    assert _step_of(folder / "last.ckpt") == 1 and not (out / "final_model").exists()
+    # The requeued job resumes at its last step: no step to take, but the final saves happen.
+    again = fit(compose_cfg([*RUN, "max_steps=2", "callbacks.checkpoint.every_n_train_steps=1",
+                             "callbacks.evaluation.after_training=true", "ckpt_path=last"], output_dir=out))
+    assert again.module.step_count == 2 and again.module.rl_step == 2
+    assert _step_of(folder / "last.ckpt") == 2
+    assert (out / "final_model" / "model.safetensors").exists()
+
+
+def test_linking_last_to_a_top_k_file_is_refused():
+    from relift_pl.checkpoint import TrainingStepCheckpoint
+
+    with pytest.raises(ValueError, match="save_last=link is not supported"):
+        TrainingStepCheckpoint(dirpath="/tmp/unused", save_last="link")

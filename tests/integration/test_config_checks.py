@@ -100,3 +100,22 @@ def _evaluate_cfg():
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose(config_name="evaluate", overrides=["paths.output_dir=/tmp/relift-unused"])
+
+
+def test_per_set_evaluation_settings_must_name_eval_sets(make_cfg):
+    from relift_pl.config import ConfigError
+    from relift_pl.validation import check_config
+
+    cfg = make_cfg("callbacks.evaluation.k_per_set={levl1:3}")
+    with pytest.raises(ConfigError, match=r"callbacks\.evaluation\.k_per_set\.levl1 is not an eval set .*did you mean level1"):
+        check_config(cfg, training=True)
+    with pytest.raises(ConfigError, match=r"max_problems\.arc is not an eval set"):
+        check_config(make_cfg("callbacks.evaluation.max_problems={arc:3}"), training=False)
+
+
+def test_fp16_training_is_refused(make_cfg):
+    from relift_pl.config import ConfigError
+    from relift_pl.validation import check_config
+
+    with pytest.raises(ConfigError, match=r"trainer\.precision=16-mixed: fp16 training needs loss scaling"):
+        check_config(make_cfg("trainer.precision=16-mixed"), training=True)

@@ -236,3 +236,23 @@ def test_sigterm_before_the_first_step_saves_and_stops(tmp_path):
     assert checkpoint["relift"]["step_count"] == 0
     assert not list((run_dir / "checkpoints").glob("step-*.ckpt"))  # no step ran
     assert (run_dir / "summary.json").exists()
+
+
+def test_signal_handlers_are_restored_after_a_failed_fit(tmp_path):
+    # Lightning's teardown reinstalls the handler it found when it registered its own (ours):
+    # after a fit that raised, SIGTERM would be swallowed and Ctrl-C need pressing twice.
+    from relift_pl.train import build
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    trainer, module, datamodule = build(compose_cfg([*RUN, "max_steps=2"], output_dir=tmp_path))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("a failing step")
+
+    module.training_step = fails
+    with pytest.raises(RuntimeError, match="a failing step"):
+        try:
+            trainer.fit(module, datamodule=datamodule)
+        finally:
+            module.teardown("fit")
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -107,3 +107,25 @@ def test_last_eval_step_travels_in_the_state_and_old_states_still_load(trainer):
     empty = BenchmarkEvaluation(k=2)
     empty.load_state_dict({"history": []})
     assert empty.last_eval_step == -1
+
+
+def test_a_preemption_signal_stops_an_evaluation_between_generate_calls(trainer, tmp_path):
+    import signal
+
+    from callbacks.preemption import PreemptionCheckpoint
+
+    preemption = PreemptionCheckpoint(str(tmp_path))
+    trainer.callbacks = [preemption]
+    module = ScriptedModule(SCRIPT, HashReward())
+    evaluation = BenchmarkEvaluation(k=2, batch_prompts=1)  # one generate call per problem
+    calls = []
+    generate = module.generate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        preemption.received = signal.SIGTERM  # the signal lands during the first call
+        return generate(*args, **kwargs)
+
+    module.generate = counted
+    assert evaluation.run(trainer, module) == {}
+    assert len(calls) == 1 and evaluation.history == [] and "val/avg" not in trainer.callback_metrics

@@ -129,3 +129,15 @@ def test_normalize_answer(answer, expected):
 )
 def test_normalize_gold(gold, expected):
     assert normalize_gold(gold) == expected
+
+
+def test_an_answer_written_like_the_interval_gold_still_matches_it():
+    # olympiadbench-0096's gold "t(0,4]" is read as t in (0,4]; an answer copying the gold's own
+    # notation must be read the same way (it scored 1 before the gold was normalised).
+    from relift_pl.rewards import MathVerifyReward
+
+    assert normalize_answer("t(0,4]") == "t\\in(0,4]"
+    assert normalize_answer("f(0,4)") == "f(0,4)"  # a call, not an interval
+    with MathVerifyReward(num_workers=0) as reward:
+        scored = reward(["</think>\\boxed{t(0,4]}", "</think>\\boxed{t(0,5]}"], ["t(0,4]", "t(0,4]"])
+    assert scored.rewards == [1.0, 0.0]

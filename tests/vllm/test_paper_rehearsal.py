@@ -52,11 +52,13 @@ def rehearsal(tmp_path_factory):
     _run("train.py", "experiment=paper_rehearsal", f"hydra.run.dir={run_dir}", "ckpt_path=last",
          "max_steps=6")
     evaluated = _run("evaluate.py", f"run_dir={run_dir}", "trainer=cpu")
-    return run_dir, first, first_scalars, evaluated
+    sharded = _run("evaluate.py", f"run_dir={run_dir}", "trainer=cpu",
+                   f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+    return run_dir, first, first_scalars, evaluated, sharded
 
 
 def test_the_run_takes_an_sft_step_and_evaluates_all_eight_benchmarks(rehearsal):
-    run_dir, first, scalars, _ = rehearsal
+    run_dir, first, scalars, *_ = rehearsal
     assert first["steps"] == 4 and first["rl_steps"] == 4 and first["sft_steps"] >= 1
     assert set(first["k"]) == set(SETS) and first["k"] == SETS
     for name, k in SETS.items():
@@ -95,7 +97,9 @@ def test_resume_continues_the_run(rehearsal):
 
 
 def test_evaluate_scores_the_final_model_with_the_runs_settings(rehearsal):
-    run_dir, _, _, evaluated = rehearsal
+    run_dir, _, _, evaluated, sharded = rehearsal
     assert f"model: {run_dir / 'final_model'}" in evaluated.stdout
     for name, k in SETS.items():
         assert f"| {name} | {k} |" in evaluated.stdout
+    # The FSDP2 run's sharded last.ckpt folder is scored too (its policy tensors read alone).
+    assert f"model: {run_dir / 'checkpoints' / 'last.ckpt'}" in sharded.stdout
