@@ -14,6 +14,7 @@ from data_fixtures import GOOD, OPENR1_ROWS
 from relift_pl.data.sources import BadRowError
 from relift_pl.rewards import MathVerifyReward
 from relift_pl.toy.tokenizer import build_toy_tokenizer
+from tests_helpers import MessageCollector
 
 BENCHMARK_ROWS = {
     "aime24": 30, "aime25": 30, "amc23": 83, "math500": 500, "minerva": 272,
@@ -23,15 +24,6 @@ QWEN_THINK = ["data.chat_template=qwen_think", "data/benchmarks@data.eval_sets=m
               "data.batch_size=2"]
 # The toy tokenizer is character-level: long enough for every MATH prompt with the system prompt.
 NO_PROMPT_LIMIT = "data.max_prompt_length=4096"
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +87,7 @@ def test_math_train_prompts_and_demonstrations(make_cfg, tokenizer):
 
 def test_long_prompts_are_dropped_and_counted(make_cfg):
     tokenizer = build_toy_tokenizer()  # its own: the tokenizer warns about long inputs only once
-    said = _Collect()
+    said = MessageCollector()
     logging.getLogger("transformers").addHandler(said)  # transformers' loggers do not propagate
     try:
         dm = datamodule(make_cfg, tokenizer, "data=math_train", "data.train_rows.limit=40", *QWEN_THINK)

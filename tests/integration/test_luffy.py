@@ -14,18 +14,9 @@ import relift_pl.module as module_lib
 from conftest import compose_cfg
 from relift_pl.algorithms import group_advantages
 from relift_pl.train import build
-from toy_overrides import QUICK_TOY
+from toy_overrides import QUIET_TOY
 
-RUN = [
-    *QUICK_TOY,
-    "algorithm=luffy",
-    "logger=csv",
-    "callbacks.evaluation.before_training=false",
-    "callbacks.evaluation.after_training=false",
-    "callbacks.progress_bar=null",
-    "callbacks.checkpoint.every_n_train_steps=0",
-    "callbacks.checkpoint.export_hf=false",
-]
+RUN = [*QUIET_TOY, "algorithm=luffy"]
 G = 4  # QUICK_TOY's group size; max_new_tokens 24: level-3 demos (22-29 tokens) may not fit
 MAX_NEW = 24
 

@@ -11,17 +11,9 @@ import torch
 
 from conftest import compose_cfg
 from relift_pl.train import build
-from toy_overrides import QUICK_TOY
+from toy_overrides import QUIET_TOY
 
-RUN = [
-    *QUICK_TOY,
-    "logger=csv",
-    "callbacks.evaluation.before_training=false",
-    "callbacks.evaluation.after_training=false",
-    "callbacks.progress_bar=null",
-    "callbacks.checkpoint.every_n_train_steps=0",
-    "callbacks.checkpoint.export_hf=false",
-]
+RUN = QUIET_TOY
 # Plain SGD without clipping or decay: updates are linear in the gradient.
 SGD = [
     "algorithm.rl_optimizer._target_=torch.optim.SGD", "algorithm.rl_optimizer.weight_decay=0",

@@ -12,3 +12,14 @@ QUICK_TOY = [
     "callbacks.evaluation.max_problems=4",
     "callbacks.evaluation.k=2",
 ]
+
+# QUICK_TOY without the side work: no evaluations, bar, checkpoints or export; metrics to CSV.
+QUIET_TOY = [
+    *QUICK_TOY,
+    "logger=csv",
+    "callbacks.evaluation.before_training=false",
+    "callbacks.evaluation.after_training=false",
+    "callbacks.progress_bar=null",
+    "callbacks.checkpoint.every_n_train_steps=0",
+    "callbacks.checkpoint.export_hf=false",
+]

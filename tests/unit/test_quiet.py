@@ -12,6 +12,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger
 
 from relift_pl.quiet import quiet_known_noise
+from tests_helpers import MessageCollector
 
 NOISE = (
     "💡 Tip: For seamless cloud logging",  # every Trainer()
@@ -19,15 +20,6 @@ NOISE = (
     "exists and is not empty",  # a resumed run's checkpoints folder
 )
 LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.trainer.connectors.checkpoint_connector")
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 class _TupleBatches(BoringModel):
@@ -45,7 +37,7 @@ def test_known_noise_is_silenced_and_nothing_else(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     (folder / "step-000001.ckpt").write_bytes(b"")  # a resumed run's folder is not empty
-    said = _Collect()
+    said = MessageCollector()
     for name in LOGGERS:  # Lightning's loggers do not propagate to pytest's handler
         logging.getLogger(name).addHandler(said)
     try:
