@@ -7,6 +7,7 @@ training log and one in ``results.md`` come from the same code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -234,7 +235,7 @@ class BenchmarkEvaluation(L.Callback):
             if totals is not None:  # the run summary's time split
                 totals["timing/eval_s"] = totals.get("timing/eval_s", 0.0) + seconds
             # ModelCheckpoint(monitor="val/avg") reads callback_metrics.
-            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
+            trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in results.items()})
             self.history.append((module.step_count, results))
             self.last_eval_step = module.step_count
         return results
@@ -255,7 +256,10 @@ class BenchmarkEvaluation(L.Callback):
             _check_set_names("max_problems", self.max_problems, eval_sets)
         _check_set_names("k_per_set", self.k_per_set, eval_sets)
         devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=devices, enabled=self.seed is not None):
+        engine = getattr(module, "rollout_engine", None)
+        awake = engine.awake() if engine is not None else contextlib.nullcontext()
+        # One wake-up (and weight push) for the whole evaluation, not one per set.
+        with awake, torch.random.fork_rng(devices=devices, enabled=self.seed is not None):
             if self.seed is not None:
                 torch.manual_seed(self.seed + world_size_and_rank()[1])
             return [
@@ -294,8 +298,8 @@ class BenchmarkEvaluation(L.Callback):
             modes = [row.get("grading") for row in chunk for _ in range(sampling.n)]
             extra = {"modes": modes} if any(modes) else {}  # plain reward callables work too
             scored = module.reward_fn(texts, golds, **extra)
-            troubles += torch.tensor([scored.timeouts, scored.failures], device=module.device)
-            correct = torch.tensor(scored.rewards, device=module.device).view(-1, sampling.n)
+            troubles += torch.tensor([scored.timeouts, scored.failures], device=module.device, dtype=torch.float32)
+            correct = torch.tensor(scored.rewards, device=module.device, dtype=torch.float32).view(-1, sampling.n)
             correct = correct.repeat_interleave(k // sampling.n, dim=1)  # [P, k]
             avg.update(correct.mean(dim=1))
             lengths = batch.response_mask.sum(dim=1).float().view(-1, sampling.n).mean(dim=1)  # [P]

@@ -75,7 +75,7 @@ class PreemptionCheckpoint(L.Callback):
 
     def stop_agreed(self, module) -> bool:
         """Whether any rank got a signal (one tiny all-reduce: every rank stops at the same step)."""
-        flag = torch.tensor(1.0 if self.received is not None else 0.0, device=module.device)
+        flag = torch.tensor(1.0 if self.received is not None else 0.0, device=module.device, dtype=torch.float32)
         return float(all_reduce_sum(flag)) > 0
 
     def on_train_batch_start(self, trainer: L.Trainer, module, *args) -> None:

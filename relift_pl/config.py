@@ -44,10 +44,11 @@ class AlgorithmConfig:
     the model's forward, recomputed in backward: no [tokens, vocab] logits are ever held (at a
     152k vocabulary, a 32k-token micro-batch is ~20 GB of float32 logits per copy). None: full
     logits (fine for small vocabularies and budgets)."""
-    defer_grad_sync: bool = True
+    defer_grad_sync: bool = False
     """Under FSDP2, reduce-scatter gradients once per optimizer step (on the last micro-batch)
-    instead of after every micro-batch. Costs a full-size float32 unsharded gradient per rank
-    while micro-batches accumulate (see scripts/plan_memory.py); off saves that memory."""
+    instead of after every micro-batch. It saves a reduce-scatter per micro-batch (small next to
+    the backward it overlaps) at the cost of full-size float32 unsharded gradients per rank while
+    micro-batches accumulate (28 GiB at 7B: scripts/plan_memory.py); off by default."""
     offload_sft_optimizer: bool = False
     """Keep the SFT AdamW's moments on the CPU between SFT steps (two Adam states over one
     model do not fit otherwise at 7B scale; the reference offloads too)."""

@@ -63,7 +63,9 @@ def export_hf(
     world, rank = world_size_and_rank()
     if rank == 0:
         target = checkpoint_dtype(policy) if dtype == "auto" else getattr(torch, dtype)
-        state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+        for key, value in state.items():  # one tensor at a time: never two full copies at 7B
+            if value.is_floating_point():
+                state[key] = value.to(target)
         tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         policy.save_pretrained(tmp, state_dict=state, safe_serialization=True)

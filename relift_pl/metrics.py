@@ -5,6 +5,8 @@ values stay tensors until the step ends. Each metric names how ranks combine, be
 differ: a loss normalised by global token counts is a partial sum on each rank (``sum``), a reward
 mean over equal shares averages (``mean``), a longest response is a ``max``, and a value every
 rank already holds identically (a clipped global grad norm, a counter) is taken as is (``same``).
+Every value is float32 whatever the default dtype (``bf16-true`` sets bf16 inside a step, where
+301 would round to 300).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class StepMetrics:
         """Adds ``value`` to ``key`` (``max`` keeps the larger); the reduction is fixed per key."""
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-        value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+        value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float32)
         if key in self._values:
             kind, old = self._values[key]
             if kind != reduce:

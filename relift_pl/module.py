@@ -128,6 +128,7 @@ class ReLIFTModule(L.LightningModule):
         self._bounds_config = (max_logprob_diff, max_logprob_diff_mean)
         self.max_logprob_diff: float | None = None
         self.max_logprob_diff_mean: float | None = None
+        self.mismatch_strikes = 0  # RL steps in a row above the mean bound
         self.tis_cap = tis_cap
         self.seed = seed
         self._make_engine = rollout_engine
@@ -163,6 +164,11 @@ class ReLIFTModule(L.LightningModule):
                 f"algorithm.buffer_threshold (M={self.algo.buffer_threshold}) must be divisible by "
                 f"the number of ranks ({world}): each rank takes M / world rows of an SFT step"
             )
+        if torch.cuda.is_available():
+            # cuDNN's SDPA backward returns NaN gradients on H100/H200 (torch >= 2.11) for
+            # masked attention at lengths = 64 mod 128 (pytorch#196678): left-padded, trimmed
+            # micro-batches hit it. Flash and memory-efficient attention remain.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         if self.rollout_engine is None:
             self.rollout_engine = self._make_engine()
             self.rollout_engine.bind(self.policy, self.tokenizer)
@@ -480,9 +486,9 @@ class ReLIFTModule(L.LightningModule):
         # global_step (RL and SFT optimizer steps together) and repeat stale on-step values.
         for logger in self.trainer.loggers:
             logger.log_metrics(values, step=self.step_count)
-        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        self.trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
         # Checkpoint names ("step-{step}") read "step" here; Lightning's default is global_step.
-        self.trainer.callback_metrics["step"] = torch.tensor(float(self.step_count))
+        self.trainer.callback_metrics["step"] = torch.tensor(float(self.step_count), dtype=torch.float64)
         for key in ("train/reward_mean", "sft/loss"):
             if key in values:
                 self.log(key.split("/")[-1], values[key], prog_bar=True, logger=False)

@@ -7,6 +7,9 @@ others), one JSON line per stage in ``<out>/gpu_smoke.jsonl``. About 2 minutes.
     python scripts/gpu_smoke.py --cpu --out /tmp/smoke    # the same stages on CPU (CI runs this)
 
 Stages (a tiny random Qwen2 built from config; the toy world's rows; a stand-in reward):
+- ``sdpa_backward``: after ``ReLIFTModule.setup``, masked bf16 attention at a length of 64 mod
+  128 with very negative scores has a finite backward (cuDNN's kernel returns NaN there on
+  H100/H200, pytorch#196678; setup turns it off).
 - ``bf16_true``: one GPU, ``precision=bf16-true``: an RL and an SFT step apply; the rotary
   frequencies stay float32 after Lightning's conversion; parameters are bf16.
 - ``bf16_mixed``: one GPU, ``bf16-mixed`` with the token budget and the fused log-prob head:
@@ -36,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-STAGES = ("bf16_true", "bf16_mixed", "fsdp2", "hf_loop")
+STAGES = ("sdpa_backward", "bf16_true", "bf16_mixed", "fsdp2", "hf_loop")
 STAGE_TIMEOUT_S = 240
 
 
@@ -139,6 +142,34 @@ def expect(condition: bool, message: str) -> None:
 
 
 # -- stages -------------------------------------------------------------------------------------
+def stage_sdpa_backward(args, cache: Path, out: Path) -> dict:
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    trainer, module, dm = build(cache, out, precision="bf16-mixed", accelerator=args.accelerator)
+    module.trainer = trainer
+    module.setup("fit")  # turns cuDNN attention off on CUDA
+    module.teardown("fit")
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    torch.manual_seed(0)
+    length, dim = 192, 64  # 192 % 128 == 64
+    q = torch.randn(1, 2, length, dim, device=device, dtype=torch.bfloat16) * 0.1
+    k = torch.randn(1, 2, length, dim, device=device, dtype=torch.bfloat16) * 0.1
+    v = torch.randn(1, 2, length, dim, device=device, dtype=torch.bfloat16)
+    q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(dim)  # every row's logsumexp far below -88.7
+    q.requires_grad_()
+    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    mask[..., :, :8] = False  # left padding, as trimmed micro-batches have
+    mask[..., :8, 0] = True  # (padded query rows see one key, as transformers' mask lets them)
+    out_ = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out_.backward(torch.randn_like(out_))
+    bad = int((~torch.isfinite(q.grad)).sum())
+    expect(bad == 0, f"{bad} non-finite attention gradients")
+    return {"cudnn_sdp": torch.backends.cuda.cudnn_sdp_enabled() if device.type == "cuda" else None}
+
+
 def stage_bf16_true(args, cache: Path, out: Path) -> dict:
     import torch
 

@@ -6,6 +6,7 @@ training step never knows which one produced it.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -111,6 +112,11 @@ class RolloutEngine(ABC):
 
     def close(self) -> None:  # noqa: B027
         """Frees the engine's resources."""
+
+    def awake(self):
+        """A context in which several generations run without freeing the engine between them
+        (vLLM's sleep mode); a no-op for engines that never sleep."""
+        return contextlib.nullcontext()
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

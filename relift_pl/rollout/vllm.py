@@ -33,7 +33,7 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -75,10 +75,22 @@ class SleepCycle:
         self.release_memory = release_memory
         self.asleep: set[str] = set()
         self.weights_lost = False
+        self.held = 0  # > 0 inside awake(): several generations in a row (an evaluation)
+
+    @contextmanager
+    def awake(self) -> Iterator[None]:
+        """Keeps the engine awake across the generations inside (no sleep, no re-push between
+        an evaluation's sets); it sleeps once at the end."""
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+            self.sleep()
 
     def sleep(self) -> None:
         """Releases weights and KV cache (after construction and after each generation)."""
-        if self.level and not self.asleep:
+        if self.level and not self.asleep and not self.held:
             self.llm.sleep(level=self.level)
             self.asleep = {"weights", "kv_cache"}
             self.weights_lost = self.level == 2
@@ -272,8 +284,13 @@ class VLLMRolloutEngine(RolloutEngine):
             kwargs["hf_overrides"] = self.hf_overrides
         # vLLM reads LOCAL_RANK as its device index while it starts; Lightning reads the same
         # variable as the process's local rank for the rest of the run: set it only meanwhile.
+        threads = torch.get_num_threads()
         with _environ("LOCAL_RANK", local_rank):
-            return LLM(**(kwargs | self.engine_kwargs))
+            llm = LLM(**(kwargs | self.engine_kwargs))
+        # vLLM's GPU worker sets one torch thread for the whole process (unless OMP_NUM_THREADS
+        # is set): the trainer's CPU work (the export's casts, data) would run on one core.
+        torch.set_num_threads(threads)
+        return llm
 
     # -- weights -------------------------------------------------------------------------------
     @property
@@ -298,6 +315,10 @@ class VLLMRolloutEngine(RolloutEngine):
         self._prefix_cache_stale = True
         if not self.cycle.asleep:
             self._reset_prefix_cache()
+
+    def awake(self):
+        """See :meth:`SleepCycle.awake` (a no-op without sleep mode)."""
+        return self.cycle.awake() if self.cycle is not None else nullcontext()
 
     def _reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():

@@ -30,13 +30,13 @@ def plan(
         prompt_lengths, response_lengths, prompt_width, rows, max_seqs,
         module.algo.max_tokens_per_micro_batch,
     )  # fmt: skip
-    count = int(all_reduce_max(torch.tensor(float(len(micro)), device=module.device)))
+    count = int(all_reduce_max(torch.tensor(float(len(micro)), device=module.device, dtype=torch.float32)))
     return pad_plan(micro, count)
 
 
 def global_width(module: ReLIFTModule, width: int) -> float:
     """The widest response block over ranks: the "constant" loss normaliser when none is set."""
-    return float(all_reduce_max(torch.tensor(float(width), device=module.device)))
+    return float(all_reduce_max(torch.tensor(float(width), device=module.device, dtype=torch.float32)))
 
 
 def micro_logprobs(

@@ -37,8 +37,9 @@ def sft_update(module: ReLIFTModule, rows: list[dict[str, Any]], metrics: StepMe
     if not rows:
         return False
     optimizer = module.optimizer("sft")
-    move_optimizer_state(optimizer, module.device)
     sft_backward(module, rows, metrics)
+    # Back on the device only for the step itself: not resident during the backward's peak.
+    move_optimizer_state(optimizer, module.device)
     version = module.weights_version
     grad_norm = optimizer_step(module, optimizer, module.algo.sft_grad_clip, "sft")
     metrics.add("sft/grad_norm", grad_norm, reduce="same")
@@ -86,7 +87,7 @@ def sft_backward(
     loss_mask = demo_mask.to(device).float() * real  # [m, R]: prompt tokens never enter the loss
     prompt_width = prompt_ids.shape[1]
     num_tokens = all_reduce_sum(loss_mask.sum())
-    num_seqs = all_reduce_sum(torch.tensor(len(mine) * real, device=device))
+    num_seqs = all_reduce_sum(torch.tensor(len(mine) * real, device=device, dtype=torch.float32))
     seq_width = None
     if module.sft_loss.agg_mode == "constant" and module.sft_loss.loss_constant is None:
         seq_width = global_width(module, demo_ids.shape[1])

@@ -79,14 +79,16 @@ def test_two_ranks_reach_sft_step_and_agree(tmp_path, trainer):
         assert [rank["rl_step"] for rank in resumed] == [3, 3]
 
 
-def test_fsdp2_sft_matches_single_process(tmp_path):
+@pytest.mark.parametrize("defer", [False, True])
+def test_fsdp2_sft_matches_single_process(tmp_path, defer):
     """SFT-only steps are deterministic, so 2-rank FSDP2 must equal one process on the same
-    global batch: the loss is normalised by global token counts and gradients summed."""
+    global batch: the loss is normalised by global token counts and gradients summed, whether
+    gradients are reduce-scattered per micro-batch or once per step (defer_grad_sync)."""
     sft = [*QUICK_TOY, "max_steps=2", "algorithm=sft", "data.batch_size=4",
            "algorithm.sft_micro_batch_size=1",
            "callbacks.evaluation.before_training=false", "callbacks.evaluation.after_training=false"]
     single = run_worker(tmp_path / "single", [*sft, "trainer=default"])[0]
-    sharded = run_worker(tmp_path / "fsdp", [*sft, "trainer=fsdp"])
+    sharded = run_worker(tmp_path / "fsdp", [*sft, "trainer=fsdp", f"algorithm.defer_grad_sync={defer}"])
     assert single["sft_step"] == sharded[0]["sft_step"] == 2
     # Both SFT steps were applied (not skipped), so the parameters did move.
     assert single["weights_version"] == sharded[0]["weights_version"] == 2

@@ -23,7 +23,7 @@ def test_every_stage_passes_on_cpu(tmp_path):
     failed = {r["stage"]: r.get("error") or r.get("tail") for r in records if not r["ok"]}
     assert proc.returncode == 0 and not failed, (failed, proc.stdout[-2000:])
     by_stage = {r["stage"]: r for r in records}
-    assert list(by_stage) == ["bf16_true", "bf16_mixed", "fsdp2", "hf_loop"]
+    assert list(by_stage) == ["sdpa_backward", "bf16_true", "bf16_mixed", "fsdp2", "hf_loop"]
     assert by_stage["bf16_mixed"]["moved_fraction"] >= 0.99
     assert by_stage["fsdp2"]["world_size"] == 2 and by_stage["fsdp2"]["sft_steps"] >= 1
     assert by_stage["hf_loop"]["ended_early"] >= 1  # the stop check met rows that ended early
