@@ -9,7 +9,8 @@ training step, each a list of `Item`s (name, bytes, formula); `scripts/plan_memo
 Phases (per GPU; FSDP2 shards everything persistent over the world size W):
 - rollout: the engine generates; training keeps its persistent state meanwhile.
 - RL update: forward + backward of one micro-batch at the token budget T, plus persistent state.
-- SFT step: the same with the SFT AdamW on the GPU (it is offloaded only between SFT steps).
+- SFT step: the same on demonstrations; an offloaded SFT AdamW returns to the GPU after the
+  backward, for its step only (when the activations are gone).
 
 Activation terms (bytes per token; c = compute dtype bytes, h hidden, f intermediate, n query
 heads, k key/value heads, d head dim) are derived from what autograd saves in transformers' Qwen2
@@ -261,7 +262,13 @@ def _training_phase(model: ModelShape, run: RunShape, name: str, tokens: int, sf
     phase = Phase(name)
     shards = run.world_size if run.sharded else 1
     p, m, c = model.params, run.master_bytes, run.compute_bytes
-    _persistent(phase, model, run, sft_optimizer_on_gpu=sft or not run.offload_sft_optimizer)
+    _persistent(phase, model, run, sft_optimizer_on_gpu=not run.offload_sft_optimizer)
+    if sft and run.offload_sft_optimizer:
+        # Moved back for its optimizer step only, after the backward has freed the activations.
+        phase.add(
+            "SFT AdamW moments, at its step", 2 * p * m / shards,
+            f"2 x P x {m} B / {shards}: on the GPU after the backward", counted=False,
+        )  # fmt: skip
     deferred = run.defer_grad_sync and run.sharded
     if deferred:
         phase.add(
