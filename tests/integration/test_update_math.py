@@ -170,3 +170,15 @@ def test_offloaded_sft_optimizer_state_lives_on_the_cpu_between_steps(tmp_path):
     states = [v for s in sft.state.values() for k, v in s.items() if torch.is_tensor(v) and k != "step"]
     assert states and all(v.device.type == "cpu" for v in states)
     assert module.sft_step == 2 and module.skipped_steps == 0
+
+
+def test_metrics_are_logged_only_at_the_steps_that_produced_them(tmp_path):
+    # M=8 with 4 hardest prompts per step: SFT steps at training steps 2 and 4 only. Lightning's
+    # self.log repeated the last sft/* values at every step in between.
+    import csv
+
+    _run(tmp_path, "max_steps=4", "data.train_rows.levels=[4]", "algorithm.buffer_threshold=8")
+    with open(next(tmp_path.rglob("metrics.csv"))) as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("step")]
+    steps_with = {key: sorted({int(float(r["step"])) for r in rows if r.get(key)}) for key in ("sft/loss", "rl/loss")}
+    assert steps_with == {"sft/loss": [2, 4], "rl/loss": [1, 2, 3, 4]}
