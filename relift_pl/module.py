@@ -40,8 +40,8 @@ from relift_pl.checkpoint import rng_state, set_rng_state
 from relift_pl.config import AlgorithmConfig
 from relift_pl.distributed import all_gather_objects, world_size_and_rank
 from relift_pl.metrics import StepMetrics
-from relift_pl.perf import device_peak_flops, peak_memory_gb, training_flops
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
+from relift_pl.step_report import log_step, rollout_metrics, step_metrics
 from relift_pl.stop_tokens import stop_token_ids
 from relift_pl.update import rl_update, sft_update
 from relift_pl.update.common import move_optimizer_state
@@ -367,7 +367,7 @@ class ReLIFTModule(L.LightningModule):
             with self._timed("rl_update"):
                 rl_update(self, rollout, advantages, metrics, demos, mixed_ids)  # 4.
             trained_tokens += int(rollout.attention_mask.sum())
-            self._rollout_metrics(rollout, rewards, scored)
+            rollout_metrics(self.metrics, rollout, self._sampled(rollout), rewards, scored)
             group = (-1, self.algo.group_size)
             record = StepRecord(batch, rewards.view(group), responses, self._sampled(rollout).view(group))
             self.rl_step += 1
@@ -382,8 +382,8 @@ class ReLIFTModule(L.LightningModule):
             trained_tokens += sum(len(r["prompt_ids"]) + len(r["demo_ids"]) for r in mine)
 
         self.step_count += 1
-        self._step_metrics(time.perf_counter() - started, trained_tokens)
-        self._log_metrics(metrics.reduce(self.device))
+        step_metrics(self, time.perf_counter() - started, trained_tokens)
+        log_step(self, metrics.reduce(self.device))
         if self.step_count >= self.max_steps:
             self.trainer.should_stop = True
 
@@ -427,71 +427,6 @@ class ReLIFTModule(L.LightningModule):
         if rollout.off_policy is None:
             return torch.ones(rollout.response_ids.shape[0], dtype=torch.bool)
         return ~rollout.off_policy.cpu()
-
-    def _rollout_metrics(self, rollout: RolloutBatch, rewards: Tensor, scored) -> None:
-        metrics = self.metrics
-        sampled = self._sampled(rollout)  # [N] the policy's own samples (LUFFY mixes in demos)
-        if rollout.off_policy is not None:  # train/* describe the samples, luffy/* the demos
-            demos = rollout.off_policy.float()  # [N]
-            metrics.add_mean("luffy/demo_reward_mean", rewards @ demos, demos.sum())
-        own = sampled.float()  # [N]
-        lengths = rollout.response_lengths.float()  # [N]
-        metrics.add_mean("train/reward_mean", rewards @ own, own.sum())
-        metrics.add_mean("train/response_length_mean", lengths @ own, own.sum())
-        metrics.add_mean("train/truncated_frac", rollout.truncated.float() @ own, own.sum())
-        add = metrics.add
-        add("train/response_length_max", lengths[sampled].max(), reduce="max")
-        lengths = lengths[sampled]
-        add("reward/timeouts", float(getattr(scored, "timeouts", 0)))
-        add("reward/failures", float(getattr(scored, "failures", 0)))
-        add("perf/generated_tokens", lengths.sum())
-
-    def _step_metrics(self, seconds: float, trained_tokens: int) -> None:
-        """Counters (the same on every rank) and throughput of the step just finished."""
-        add = self.metrics.add
-        available = max(getattr(self.trainer.datamodule, "demos_available", 0), 1)
-        for key, value in (
-            ("buffer/size", len(self.buffer)),
-            ("train/demos_used_frac", len(self.demos_used) / available),
-            ("train/rl_step", self.rl_step),
-            ("train/sft_step", self.sft_step),
-            ("faults/skipped_steps", self.skipped_steps),
-        ):
-            add(key, value, reduce="same")
-        add("perf/step_seconds", seconds, reduce="max")
-        add("perf/trained_tokens", trained_tokens)
-        key, value = peak_memory_gb(self.device)
-        add(key, value, reduce="max")
-
-    def _log_metrics(self, values: dict[str, float]) -> None:
-        """Logs the step's reduced metrics at the training step (only those it produced)."""
-        rollout_s = values.get("timing/rollout_s", 0.0)
-        if rollout_s and "perf/generated_tokens" in values:
-            values["perf/generated_tokens_per_s"] = values["perf/generated_tokens"] / rollout_s
-        update_s = values.get("timing/rl_update_s", 0.0) + values.get("timing/sft_s", 0.0)
-        if update_s and values.get("perf/trained_tokens"):
-            values["perf/trained_tokens_per_s"] = values["perf/trained_tokens"] / update_s
-            peak = device_peak_flops(self.device)
-            if peak:  # CUDA only: model FLOPs utilisation of the update phase
-                num_params = sum(p.numel() for p in self.policy.parameters())
-                flops = training_flops(num_params, values["perf/trained_tokens"],
-                                       getattr(self.policy, "is_gradient_checkpointing", False))
-                values["perf/mfu"] = flops / (update_s * peak * world_size_and_rank()[0])
-        for key, value in values.items():
-            if key.startswith("timing/"):
-                self.time_totals[key] = self.time_totals.get(key, 0.0) + value
-            elif key.startswith("perf/peak_"):
-                self.time_totals[key] = max(self.time_totals.get(key, 0.0), value)
-        # Straight to the loggers at the training step: Lightning's self.log would plot against
-        # global_step (RL and SFT optimizer steps together) and repeat stale on-step values.
-        for logger in self.trainer.loggers:
-            logger.log_metrics(values, step=self.step_count)
-        self.trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
-        # Checkpoint names ("step-{step}") read "step" here; Lightning's default is global_step.
-        self.trainer.callback_metrics["step"] = torch.tensor(float(self.step_count), dtype=torch.float64)
-        for key in ("train/reward_mean", "sft/loss"):
-            if key in values:
-                self.log(key.split("/")[-1], values[key], prog_bar=True, logger=False)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

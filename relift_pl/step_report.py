@@ -1,0 +1,88 @@
+"""What a training step reports: its rollout statistics, counters and throughput, logged at the
+training step (kept out of the module, which reads as the method's five steps)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from relift_pl.distributed import world_size_and_rank
+from relift_pl.metrics import StepMetrics
+from relift_pl.perf import device_peak_flops, peak_memory_gb, training_flops
+from relift_pl.rollout.base import RolloutBatch
+
+if TYPE_CHECKING:
+    from relift_pl.module import ReLIFTModule
+
+
+def rollout_metrics(
+    metrics: StepMetrics, rollout: RolloutBatch, sampled: Tensor, rewards: Tensor, scored
+) -> None:
+    """``train/*`` over the policy's own samples (``sampled`` [N]; LUFFY mixes demonstrations
+    into groups: those go to ``luffy/*``), ``reward/*`` and the generated tokens."""
+    if rollout.off_policy is not None:
+        demos = rollout.off_policy.float()  # [N]
+        metrics.add_mean("luffy/demo_reward_mean", rewards @ demos, demos.sum())
+    own = sampled.float()  # [N]
+    lengths = rollout.response_lengths.float()  # [N]
+    metrics.add_mean("train/reward_mean", rewards @ own, own.sum())
+    metrics.add_mean("train/response_length_mean", lengths @ own, own.sum())
+    metrics.add_mean("train/truncated_frac", rollout.truncated.float() @ own, own.sum())
+    metrics.add("train/response_length_max", lengths[sampled].max(), reduce="max")
+    metrics.add("reward/timeouts", float(getattr(scored, "timeouts", 0)))
+    metrics.add("reward/failures", float(getattr(scored, "failures", 0)))
+    metrics.add("perf/generated_tokens", lengths[sampled].sum())
+
+
+def step_metrics(module: ReLIFTModule, seconds: float, trained_tokens: int) -> None:
+    """Counters (the same on every rank), time and memory of the step just finished."""
+    add = module.metrics.add
+    available = max(getattr(module.trainer.datamodule, "demos_available", 0), 1)
+    for key, value in (
+        ("buffer/size", len(module.buffer)),
+        ("train/demos_used_frac", len(module.demos_used) / available),
+        ("train/rl_step", module.rl_step),
+        ("train/sft_step", module.sft_step),
+        ("faults/skipped_steps", module.skipped_steps),
+    ):
+        add(key, value, reduce="same")
+    add("perf/step_seconds", seconds, reduce="max")
+    add("perf/trained_tokens", trained_tokens)
+    key, value = peak_memory_gb(module.device)
+    add(key, value, reduce="max")
+
+
+def log_step(module: ReLIFTModule, values: dict[str, float]) -> None:
+    """Logs the step's reduced metrics at the training step (only those it produced), adds the
+    throughput figures, and keeps the run's time totals for its summary."""
+    rollout_s = values.get("timing/rollout_s", 0.0)
+    if rollout_s and "perf/generated_tokens" in values:
+        values["perf/generated_tokens_per_s"] = values["perf/generated_tokens"] / rollout_s
+    update_s = values.get("timing/rl_update_s", 0.0) + values.get("timing/sft_s", 0.0)
+    if update_s and values.get("perf/trained_tokens"):
+        values["perf/trained_tokens_per_s"] = values["perf/trained_tokens"] / update_s
+        peak = device_peak_flops(module.device)
+        if peak:  # CUDA only: model FLOPs utilisation of the update phase
+            num_params = sum(p.numel() for p in module.policy.parameters())
+            flops = training_flops(num_params, values["perf/trained_tokens"],
+                                   getattr(module.policy, "is_gradient_checkpointing", False))
+            values["perf/mfu"] = flops / (update_s * peak * world_size_and_rank()[0])
+    totals = module.time_totals
+    for key, value in values.items():
+        if key.startswith("timing/"):
+            totals[key] = totals.get(key, 0.0) + value
+        elif key.startswith("perf/peak_"):
+            totals[key] = max(totals.get(key, 0.0), value)
+    trainer = module.trainer
+    # Straight to the loggers at the training step: Lightning's self.log would plot against
+    # global_step (RL and SFT optimizer steps together) and repeat stale on-step values.
+    for logger in trainer.loggers:
+        logger.log_metrics(values, step=module.step_count)
+    trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
+    # Checkpoint names ("step-{step}") read "step" here; Lightning's default is global_step.
+    trainer.callback_metrics["step"] = torch.tensor(float(module.step_count), dtype=torch.float64)
+    for key in ("train/reward_mean", "sft/loss"):
+        if key in values:
+            module.log(key.split("/")[-1], values[key], prog_bar=True, logger=False)
