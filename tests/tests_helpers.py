@@ -19,3 +19,18 @@ class MessageCollector(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+
+def fit_with_callbacks(cfg, callbacks=(), training: bool = True):
+    """Builds a run as train.py does and fits it with ``callbacks`` first in the list (they see
+    each step before the run's own callbacks); returns the module. Reward workers stop even when
+    the fit raises."""
+    from relift_pl.train import build
+
+    trainer, module, datamodule = build(cfg, training=training)
+    trainer.callbacks[:0] = list(callbacks)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        module.teardown("fit")
+    return module

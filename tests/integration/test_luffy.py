@@ -13,7 +13,7 @@ import torch
 import relift_pl.module as module_lib
 from conftest import compose_cfg
 from relift_pl.algorithms import group_advantages
-from relift_pl.train import build
+from tests_helpers import fit_with_callbacks
 from toy_overrides import QUIET_TOY
 
 RUN = [*QUIET_TOY, "algorithm=luffy"]
@@ -35,15 +35,9 @@ class Steps(L.Callback):
 
 
 def _run(tmp_path, *overrides: str, callbacks=()):
-    cfg = compose_cfg([*RUN, *overrides], output_dir=tmp_path)
-    trainer, module, datamodule = build(cfg, training=True)  # every config check of train.py
     steps = Steps()
-    trainer.callbacks[:0] = [steps, *callbacks]
-    try:
-        trainer.fit(module, datamodule=datamodule)
-    finally:
-        module.teardown("fit")
-    return module, steps
+    cfg = compose_cfg([*RUN, *overrides], output_dir=tmp_path)
+    return fit_with_callbacks(cfg, [steps, *callbacks]), steps  # every config check of train.py
 
 
 @pytest.fixture(scope="module")

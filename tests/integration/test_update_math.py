@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from relift_pl.train import build
+from tests_helpers import fit_with_callbacks
 from toy_overrides import QUIET_TOY
 
 RUN = QUIET_TOY
@@ -33,15 +33,9 @@ class Metrics(L.Callback):
 
 
 def _run(tmp_path, *overrides: str, callbacks=()):
-    cfg = compose_cfg([*RUN, *overrides], output_dir=tmp_path)
-    trainer, module, datamodule = build(cfg)
     metrics = Metrics()
-    trainer.callbacks[:0] = [metrics, *callbacks]
-    try:
-        trainer.fit(module, datamodule=datamodule)
-    finally:
-        module.teardown("fit")
-    return module, metrics.steps
+    cfg = compose_cfg([*RUN, *overrides], output_dir=tmp_path)
+    return fit_with_callbacks(cfg, [metrics, *callbacks]), metrics.steps
 
 
 @pytest.mark.parametrize(("k", "steps"), [(5, 5), (7, 7), (16, 16)])
