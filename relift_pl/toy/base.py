@@ -76,6 +76,7 @@ def ensure_toy_base(
     middle_level: int = 3,
     middle_fraction: float = 0.1,
     middle_full_rate: float = 0.5,
+    task_fraction: float = 0.0,
     steps: int = 900,
     batch_size: int = 32,
     lr: float = 3e-3,
@@ -99,6 +100,9 @@ def ensure_toy_base(
         middle_fraction: share of warm-start examples drawn from `middle_level`.
         middle_full_rate: share of those whose demonstration is complete; the others stop one
             step early (a wrong answer), so the base solves `middle_level` only sometimes.
+        task_fraction: share of warm-start examples drawn from the second world's digit tasks
+            (`relift_pl.toy.world2.draw_pretraining_row`, the base of `experiment=toy2`); the
+            arithmetic levels share the rest as above. 0 (the first world's base): none.
         steps: optimizer steps.
         batch_size: examples per step.
         lr: peak AdamW learning rate (linear warm-up, cosine decay to 10%).
@@ -128,6 +132,8 @@ def ensure_toy_base(
         world=dataclasses.asdict(world),
         model_overrides=dict(sorted((model_overrides or {}).items())),
     )
+    if task_fraction:  # only then: the first world's bases keep their cache keys
+        settings["task_fraction"] = task_fraction
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     cache_dir = Path(cache_dir)
     target = cache_dir / f"toy-base-{key}"
@@ -170,8 +176,13 @@ def _train_base(
     middle_full = level_pool("train", middle, world)
     middle_short = level_pool("train", middle, world, stop_after=-1)
     rng = random.Random(settings["seed"])
+    task_fraction = settings.get("task_fraction", 0.0)
+    if task_fraction:
+        from relift_pl.toy.world2 import draw_pretraining_row
 
     def draw_row() -> dict:
+        if task_fraction and rng.random() < task_fraction:
+            return draw_pretraining_row(rng)
         if rng.random() >= settings["middle_fraction"]:
             return rng.choice(rng.choice(easy_pools))
         i = rng.randrange(len(middle_full))

@@ -1,33 +1,36 @@
 """The second toy world: the paper's premise built in (`experiment=toy2`).
 
 The first world (`relift_pl.toy.world`) made ReLIFT's hardest level a sign flip on level 2's
-additions, and wrote every demonstration in the base's own terse style. Its study found the
-hardest skill entangled with the easy ones and nothing for SFT on all demonstrations to cost
-but accuracy. This world changes two things, each for one half of the paper's premise:
+additions and wrote every demonstration in the base's own terse style. Its study found the
+hardest skill entangled with the easy ones, and nothing for SFT on all demonstrations to cost
+but accuracy. This world changes both, and docs/results/toy2_premise.md measures the premise
+(P1-P4) on it:
 
-1. The hardest level is a new skill behind its own prompt token: reversing the digits of a
-   four-digit number, `R4831` -> `1384` (distinct digits, no zero: no palindrome, no leading
-   zero, and no two orders of the same digits that a copy could hit by luck). The base was never
-   shown an `R` or a reversal and boxes sums; RL never samples the answer. Nothing the easy
-   levels need is contradicted by it: other prompts, other outputs.
-2. Demonstrations (the "R1 traces" of this world) are written in a verbose style the base does
-   not use, still ending in the boxed answer the reward checks:
+1. The hardest level is a new operator behind its own prompt letter: `R4831` asks for the digits
+   backwards (`1384`; 4 distinct digits 1-9, so no copy or palindrome hits it by luck). The base
+   knows how to read digits backwards from its warm-start (`B` on 3-5 digits: "backwards"), but
+   there every letter other than B, D and T asks for a copy, so it answers `R4831` with `4831`:
+   what it lacks is one piece of knowledge (R means B), which sampling does not find and a few
+   demonstrations teach. Nothing the easy levels need is touched: other prompts, other outputs.
+2. Demonstrations (the "R1 traces" of this world) are written in a verbose style that the base
+   uses for digit tasks but never for arithmetic, still ending in the boxed answer the reward
+   checks:
 
     level 1  12+5        base:    12+5=17</think>\\boxed{17}
-                         teacher: step 1: 12+5=17. so the answer is 17.</think>\\boxed{17}
+                         teacher: 12+5=17, so the answer is 17.</think>\\boxed{17}
     level 2  12+5+7      base:    12+5=17,17+7=24</think>\\boxed{24}
-                         teacher: step 1: 12+5=17. step 2: 17+7=24. so the answer is 24.</think>...
+                         teacher: 12+5=17, then 17+7=24, so the answer is 24.</think>\\boxed{24}
     level 3  12+5+7+3    (one more step of the same kind; the base finishes it only sometimes)
-    level 4  R4831       teacher: the digits are 4,8,3,1. backwards: 1,3,8,4. so the answer
-                         is 1384.</think>\\boxed{1384}
+    level 4  R4831       teacher: the digits are 4,8,3,1, backwards 1,3,8,4, so the answer is
+                         1384.</think>\\boxed{1384}
 
-   SFT on every demonstration moves every level to the teacher's style (about twice as many
-   tokens, as SFT on R1 traces lengthens a 7B model's answers); imitating only the hardest
+   SFT on every demonstration moves every level to the teacher's style (about 2.4x the tokens on
+   levels 1-3, as SFT on R1 traces lengthens a 7B model's answers); imitating only the hardest
    questions leaves levels 1-3 in the policy's own style.
 
-Levels 1-3 are the first world's problems with the same split hash, so the same cached base
-(warm-started on the terse style of levels 1-2 and part of 3) serves both worlds. Splits are a
-pure function of the problem text; answers come from the generator's integers.
+Levels 1-3 are the first world's problems, drawn with the same split hash and seeds, so the eval
+sets of levels 1-3 hold the same questions in both worlds. Splits are a pure function of the
+problem text; answers come from the generator's integers.
 """
 
 from __future__ import annotations
@@ -55,11 +58,10 @@ class ToyWorld2Config:
     arithmetic: ToyWorldConfig = ToyWorldConfig()
     """Levels 1-3: operand ranges and split fractions (the first world's defaults)."""
     reverse_digits: int = 4
-    """Digits of a level-4 number (distinct, 1-9)."""
+    """Digits of a level-4 number (distinct, 1-9): one of the lengths the base reverses under B."""
 
 
-def _arith_steps(text: str, level: int, cfg: ToyWorldConfig) -> list[tuple[int, int, int]]:
-    del cfg
+def _arith_steps(text: str) -> list[tuple[int, int, int]]:
     xs = [int(x) for x in text.split("+")]
     steps, total = [], xs[0]
     for x in xs[1:]:
@@ -82,13 +84,10 @@ def demonstration(problem: str, level: int, style: Style = "verbose", stop_after
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     if level == 4:
-        digits = list(problem[1:])
-        answer = "".join(reversed(digits))
         if style == "terse":
-            return f"{','.join(digits)};{','.join(reversed(digits))}</think>\\boxed{{{answer}}}"
-        return (f"the digits are {','.join(digits)}, backwards {','.join(reversed(digits))}, "
-                f"so the answer is {answer}.</think>\\boxed{{{answer}}}")
-    steps = _arith_steps(problem, level, ToyWorldConfig())
+            raise ValueError("level 4 has no terse demonstration: the base never saw it")
+        return _listing("R", problem[1:])
+    steps = _arith_steps(problem)
     if stop_after is not None:
         if style != "terse":
             raise ValueError("stop_after is for the base's terse warm-start demonstrations")
@@ -99,6 +98,51 @@ def demonstration(problem: str, level: int, style: Style = "verbose", stop_after
         return f"{body}</think>\\boxed{{{result}}}"
     body = ", then ".join(f"{a}+{b}={c}" for a, b, c in steps)
     return f"{body}, so the answer is {result}.</think>\\boxed{{{result}}}"
+
+
+# The base's "pretraining" beyond arithmetic: a digit task named by a capital letter, on a number
+# of 3-5 distinct digits 1-9, answered in the teacher's words (so the words are not new to the
+# base, only their use for arithmetic is). Three letters have a meaning of their own; every other
+# letter asks for a copy, so a letter the base never saw reads as "copy" too. `R` is kept out:
+# level 4 (`R4831`, reverse) needs the base to learn that R means what B means.
+TRANSFORMS: dict[str, str] = {
+    "B": "backwards",            # reverse
+    "D": "without the first",    # drop the first digit
+    "T": "first to the end",     # rotate left by one
+}
+COPY_LETTERS = "ACEFGHIJKLMNOPQSUVWXYZ"
+"""Letters that ask for a copy (every capital but B, D, R, T)."""
+TASK_LENGTHS = (3, 4, 5)
+TASK_WEIGHTS = {"copy": 2, "B": 1, "D": 1, "T": 1}
+"""Relative shares of the digit tasks in the warm-start."""
+
+
+def _task_answer(task: str, digits: str) -> str:
+    if task == "B" or task == "R":
+        return digits[::-1]
+    if task == "D":
+        return digits[1:]
+    if task == "T":
+        return digits[1:] + digits[0]
+    return digits  # a copy letter
+
+
+def _listing(task: str, digits: str) -> str:
+    """The teacher's words for a digit task: the digits, the transformed digits, the answer."""
+    word = TRANSFORMS["B"] if task == "R" else TRANSFORMS.get(task)
+    answer = _task_answer(task, digits)
+    middle = f" {word} {','.join(answer)}," if word else ""
+    return f"the digits are {','.join(digits)},{middle} so the answer is {answer}.</think>\\boxed{{{answer}}}"
+
+
+def draw_pretraining_row(rng: random.Random) -> dict:
+    """One digit-task row of the base's warm-start (`TASK_WEIGHTS`, a uniform letter for a copy,
+    a uniform length in `TASK_LENGTHS`, uniform distinct digits)."""
+    task = rng.choices(list(TASK_WEIGHTS), weights=list(TASK_WEIGHTS.values()))[0]
+    letter = rng.choice(COPY_LETTERS) if task == "copy" else task
+    digits = "".join(map(str, rng.sample(range(1, 10), rng.choice(TASK_LENGTHS))))
+    return {"id": f"toy2-task-{letter}{digits}", "problem": letter + digits,
+            "answer": _task_answer(letter, digits), "demonstration": _listing(letter, digits), "level": 0}
 
 
 def _problems(level: int, cfg: ToyWorld2Config) -> list[str]:
