@@ -1,86 +1,193 @@
-"""The toy study's aggregation: categories of the capability map and the table, on synthetic runs."""
+"""The second edition's aggregation (scripts/reproduce_toy.py), each formula pinned by hand-computed
+values on synthetic runs: a changed formula (a pooled average, step-0 tokens, one seed's demos,
+a population std, an extra method in a category) must fail here."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
+import sys
 from pathlib import Path
 
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "reproduce_toy.py"
 spec = importlib.util.spec_from_file_location("reproduce_toy", SCRIPT)
-reproduce_toy = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reproduce_toy)
-LEVELS = reproduce_toy.LEVELS
+rt = importlib.util.module_from_spec(spec)
+sys.modules["reproduce_toy"] = rt  # dataclasses look their module up
+spec.loader.exec_module(rt)
+LEVELS = rt.LEVELS
 
 
-def run(final: dict[str, float], base: dict[str, float], sft_steps: int = 0, used: int = 0) -> dict:
-    def at(scores):  # every question is in level1 except "h", a level4 question
-        return {s: {"correct": {q: v for q, v in scores.items() if (q == "h") == (s == "level4")},
-                    "tokens": {q: 10.0 for q in scores if (q == "h") == (s == "level4")}}
-                for s in LEVELS}
-    return {"summary": {"demos_used": used, "demos_available": 10, "rl_steps": 4, "sft_steps": sft_steps},
-            "evals": {0: at(base), 4: at(final)}}
+def evaluation(correct: dict[str, dict[str, float]], tokens: dict[str, dict[str, float]] | None = None) -> dict:
+    tokens = tokens or {s: {q: 10.0 for q in qs} for s, qs in correct.items()}
+    return {s: {"correct": correct[s], "tokens": tokens[s]} for s in correct}
 
 
-BASE = {"a": 1.0, "b": 0.0, "c": 0.0, "d": 0.0, "e": 1.0, "h": 0.0}
+def levels(l1, l2, l3, l4) -> dict[str, dict[str, float]]:
+    """Per level, questions named <level>-<i> with the given shares."""
+    return {s: {f"{s}-{i}": v for i, v in enumerate(vals)} for s, vals in zip(LEVELS, (l1, l2, l3, l4))}
 
 
-def test_capability_categories():
-    runs = {
-        # GRPO learns b; ReLIFT learns b and c (c only with SFT) and loses e; nobody learns d.
-        "grpo": [run({"a": 1, "b": 1, "c": 0, "d": 0, "e": 1, "h": 0}, BASE)],
-        "relift": [run({"a": 1, "b": 0.75, "c": 0.5, "d": 0.25, "e": 0.25, "h": 0.75}, BASE)],
+def run(final: dict, base: dict | None = None, *, summary: dict | None = None, metrics: dict | None = None,
+        config: dict | None = None, final_tokens: dict | None = None) -> dict:
+    base = base or {s: {q: 0.0 for q in qs} for s, qs in final.items()}
+    return {
+        "summary": {"demos_used": 0, "demos_available": 100, "rl_steps": 150, "sft_steps": 0} | (summary or {}),
+        "evals": {0: evaluation(base), 150: evaluation(final, final_tokens)},
+        "metrics": metrics or {},
+        "config": config or {},
     }
-    order, categories, finals = reproduce_toy.capability(runs)
-    by_q = dict(zip(order, [c for s in LEVELS for c in categories[s]]))
-    assert by_q == {"a": "solved by the base", "b": "learned by RL", "c": "learned only with SFT",
-                    "d": "never", "e": "lost by ReLIFT", "h": "learned only with SFT"}
-    assert finals["base"]["b"] == 0.0 and finals["relift"]["c"] == 0.5
 
 
-def test_questions_only_sft_only_solves_count_as_learned_with_sft():
-    runs = {
-        "grpo": [run(BASE, BASE)],
-        "sft": [run({**BASE, "h": 1.0}, BASE)],
-        "relift": [run(BASE, BASE)],
+# -- accuracy, avg, tokens --------------------------------------------------------------------------
+def test_avg_is_the_mean_of_level_means_not_pooled():
+    # level1 has 1 question (1.0), the others 3 questions at 0: pooled 1/10 = 0.1, level mean 0.25.
+    acc = rt.accuracy(evaluation(levels([1.0], [0, 0, 0], [0, 0, 0], [0, 0, 0])))
+    assert acc["level1"] == 1.0 and acc["avg"] == pytest.approx(0.25)
+
+
+def test_response_tokens_are_read_at_the_final_evaluation():
+    final = levels([1.0], [1.0], [1.0], [0.0])
+    tokens = {s: {q: t for q in qs} for (s, qs), t in zip(final.items(), (10.0, 20.0, 30.0, 60.0))}
+    r = run(final, final_tokens=tokens)  # step 0 has 10 tokens everywhere
+    tok = rt.response_tokens(rt.final_eval(r))
+    assert tok["level4"] == 60.0 and tok["avg"] == pytest.approx(30.0)  # (10 + 20 + 30 + 60) / 4
+    assert rt.response_tokens(r["evals"][0])["avg"] == 10.0
+
+
+def test_mean_std_uses_the_sample_std():
+    assert rt.mean_std([1.0, 3.0]) == "2.0 ± 1.4"  # sqrt(2) with n - 1; population std would be 1.0
+    assert rt.mean_std([5.0]) == "5.0 ± 0.0"
+
+
+# -- the paired difference --------------------------------------------------------------------------
+def test_paired_interval_by_hand():
+    # diffs 1, 3, 5: mean 3, sample sd 2, n 3, t(0.975, 2) = 4.303 -> half 4.303 * 2 / sqrt(3) = 4.9687
+    mean, lo, hi, n = rt.paired_interval({0: 10.0, 1: 12.0, 2: 14.0, 7: 99.0}, {0: 9.0, 1: 9.0, 2: 9.0})
+    assert n == 3 and mean == pytest.approx(3.0)
+    assert lo == pytest.approx(3.0 - 4.303 * 2 / math.sqrt(3)) and hi == pytest.approx(3.0 + 4.9687, abs=1e-3)
+
+
+def test_paired_interval_pairs_by_seed_not_by_position():
+    # Same values, other seed order: paired by seed the difference is constant (+1, sd 0).
+    mean, lo, hi, n = rt.paired_interval({0: 1.0, 1: 5.0}, {1: 4.0, 0: 0.0})
+    assert (mean, lo, hi, n) == (1.0, 1.0, 1.0, 2)
+
+
+def test_t_quantiles():
+    assert rt.T975[2] == 4.303 and rt.T975[4] == 2.776  # n = 3 (ablations) and n = 5 (main methods)
+
+
+def test_table_columns_by_hand():
+    base = evaluation(levels([1.0], [1.0], [0.0], [0.0]))
+    # ReLIFT seeds 0, 1: avg 50 and 75; GRPO seeds 0, 1: avg 50 and 50 -> paired diffs 0, 25
+    relift = {0: run(levels([1.0], [1.0], [0.0], [0.0]), summary={"demos_used": 10, "sft_steps": 3}),
+              1: run(levels([1.0], [1.0], [1.0], [0.0]), summary={"demos_used": 30, "sft_steps": 4})}
+    grpo = {0: run(levels([1.0], [1.0], [0.0], [0.0])), 1: run(levels([1.0], [1.0], [0.0], [0.0]))}
+    lines = rt.table({"grpo": grpo, "relift": relift}, base).splitlines()
+    assert lines[2].startswith("| base | - | 100.0 | 100.0 | 0.0 | 0.0 | 50.0 |")
+    grpo_cells = [c.strip() for c in lines[3].split("|")[1:-1]]
+    relift_cells = [c.strip() for c in lines[4].split("|")[1:-1]]
+    assert grpo_cells[0] == "grpo" and grpo_cells[1] == "2" and grpo_cells[6] == "50.0 ± 0.0"
+    # diffs 0 and 25: mean 12.5, sd 17.68, half = 12.706 * 17.68 / sqrt(2) = 158.8
+    assert grpo_cells[7] == "+12.5 [-146.3, +171.3]"
+    assert relift_cells[4] == "50.0 ± 70.7" and relift_cells[6] == "62.5 ± 17.7" and relift_cells[7] == "-"
+    assert relift_cells[8] == "20.0 ± 14.1"  # demos used: 10% and 30% of 100, mean over seeds
+    assert relift_cells[9] == str(round((3 + 4) / 2 * 16))  # row-updates: sft steps x M, mean
+    assert relift_cells[11] == "150 / 3-4"
+
+
+# -- demos used, row-updates, compute ---------------------------------------------------------------
+def test_demos_used_pct_is_distinct_rows_over_available():
+    assert rt.demos_used_pct(run(levels([1], [1], [1], [1]), summary={"demos_used": 25, "demos_available": 200})) == 12.5
+
+
+def test_row_updates_per_schedule():
+    final = levels([1], [1], [1], [1])
+    buffered = run(final, summary={"sft_steps": 5}, config={"algorithm": {"sft_enabled": True, "sft_schedule": "buffer"}})
+    assert rt.row_updates(buffered) == 5 * 16
+    # every_step: buffer after steps 1-3 = 0, 0, 2; hardest pushed 3, 4, 2 (rate x 16); SFT at steps 1 and 2
+    # -> popped at 1: 0 + 3 - 0 = 3; at 2: 0 + 4 - 0 = 4; step 3 no SFT (counter unchanged).
+    metrics = {1: {"buffer/size": 0, "train/solve_none_rate": 3 / 16, "train/sft_step": 1},
+               2: {"buffer/size": 0, "train/solve_none_rate": 4 / 16, "train/sft_step": 2},
+               3: {"buffer/size": 2, "train/solve_none_rate": 2 / 16, "train/sft_step": 2}}
+    every = run(final, summary={"sft_steps": 2}, metrics=metrics,
+                config={"algorithm": {"sft_enabled": True, "sft_schedule": "every_step"}})
+    assert rt.row_updates(every) == 7
+    luffy = run(final, metrics={1: {"luffy/demos_mixed": 16.0}, 2: {"luffy/demos_mixed": 15.0}},
+                config={"algorithm": {"sft_enabled": False, "mix_demos": True}})
+    assert rt.row_updates(luffy) == 31
+    loss = run(final, summary={"rl_steps": 150}, config={"algorithm": {"sft_enabled": False, "sft_loss_coef": 1.0}})
+    assert rt.row_updates(loss) == 150 * 16
+    warmup = run(final, summary={"rl_steps": 75, "sft_steps": 75},
+                 config={"algorithm": {"sft_enabled": False, "sft_warmup_steps": 75}})
+    assert rt.row_updates(warmup) == 75 * 16
+    assert rt.row_updates(run(final, config={"algorithm": {"sft_enabled": False}})) == 0  # GRPO
+
+
+def test_trained_tokens_sum_every_step_and_the_sft_loss_demos():
+    r = run(levels([1], [1], [1], [1]), metrics={1: {"perf/trained_tokens": 100.0}, 2: {"perf/trained_tokens": 50.0},
+                                              3: {"perf/trained_tokens": 7.0, "rl/sft_demo_tokens": 3.0}})
+    assert rt.trained_tokens(r) == 160.0
+
+
+# -- the capability map ------------------------------------------------------------------------------
+def test_capability_categories_over_every_method_shown():
+    base = {"a": 1.0, "b": 0.0, "c": 0.0, "d": 0.0, "e": 1.0}
+    finals = {
+        "grpo": {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.0, "e": 1.0},
+        "relift": {"a": 1.0, "b": 0.0, "c": 0.0, "d": 0.0, "e": 0.25},
+        "sft_then_rl": {"a": 1.0, "b": 0.0, "c": 0.75, "d": 0.25, "e": 1.0},  # c only here
     }
-    order, categories, _ = reproduce_toy.capability(runs)
-    assert dict(zip(order, [c for s in LEVELS for c in categories[s]]))["h"] == "learned only with SFT"
+    category, counts = rt.capability(base, finals)
+    assert category == {"a": "solved by the base", "b": "learned by GRPO",
+                        "c": "learned only by methods with demonstrations",
+                        "d": "learned by no method shown", "e": "solved by the base"}
+    assert counts["relift"] == {"solved": 1, "learned": 0, "lost": 1}  # e lost
+    assert counts["sft_then_rl"] == {"solved": 3, "learned": 1, "lost": 0}
+    # Leaving sft_then_rl out of the drawn methods makes c "learned by no method shown".
+    assert rt.capability(base, {m: f for m, f in finals.items() if m != "sft_then_rl"})[0]["c"] == \
+        "learned by no method shown"
 
 
-def test_capability_averages_seeds_before_thresholding():
-    # c: solved in one seed of two (1.0, 0.0): mean 0.5 counts as solved; d (0.5, 0.25) does not.
-    runs = {
-        "grpo": [run({q: 0.0 for q in BASE}, BASE)] * 2,
-        "relift": [run({**BASE, "c": 1.0, "d": 0.5}, BASE), run({**BASE, "c": 0.0, "d": 0.25}, BASE)],
-    }
-    order, categories, _ = reproduce_toy.capability(runs)
-    by_q = dict(zip(order, [c for s in LEVELS for c in categories[s]]))
-    assert by_q["c"] == "learned only with SFT" and by_q["d"] == "never"
+def test_capability_averages_seeds_before_the_threshold():
+    r1 = run(levels([1.0], [0.0], [0.0], [0.0]))
+    r2 = run(levels([0.0], [0.0], [0.0], [0.5]))
+    shares = rt.mean_shares({0: r1, 1: r2})
+    assert shares["level1-0"] == 0.5 and shares["level4-0"] == 0.25  # 0.5 counts as solved, 0.25 not
+    category, _ = rt.capability({"level1-0": 0.0, "level4-0": 0.0}, {"relift": shares})
+    assert category == {"level1-0": "learned only by methods with demonstrations",
+                        "level4-0": "learned by no method shown"}
 
 
-def test_table_means_and_stds_over_seeds():
-    finals = [{**BASE, "h": 1.0}, {**BASE, "h": 0.0}]
-    runs = {"relift": [run(f, BASE, sft_steps=3, used=2) for f in finals]}
-    lines = reproduce_toy.table(runs).splitlines()
-    base_row, relift_row = lines[2], lines[3]
-    assert base_row.startswith("| base (step 0) | 40.0 |")  # level1: a, e of a..e solved
-    cells = [c.strip() for c in relift_row.split("|")[1:-1]]
-    assert cells[0] == "relift" and cells[1] == "40.0 ± 0.0"
-    assert cells[4] == "50.0 ± 70.7"  # level4: 1 and 0 over two seeds
-    assert cells[6] == "20.0 ± 0.0" and cells[8] == "4 / 3"
+# -- the study's definitions ------------------------------------------------------------------------
+def test_every_method_has_a_config_and_enough_seeds():
+    for name, overrides in rt.METHODS.items():
+        algorithm = overrides[0].split("=")[1]
+        assert (SCRIPT.parents[1] / "conf" / "algorithm" / f"{algorithm}.yaml").exists()
+        assert len(rt.STUDY_SEEDS[name]) >= (5 if name in rt.MAIN else 3)
+    assert set(rt.MAIN) == {"grpo", "sft", "sft_then_rl", "luffy", "relift"}
+    assert not set(rt.STUDY_SEEDS["relift"]) & set(rt.TUNE_SEEDS + rt.PREMISE_SEEDS)
 
 
-def test_every_method_has_a_config():
-    for overrides in reproduce_toy.METHODS.values():
-        name = overrides[0].split("=")[1]
-        assert (SCRIPT.parents[1] / "conf" / "algorithm" / f"{name}.yaml").exists()
+def test_sft_is_sft_then_rl_without_the_rl_half():
+    """Identical computations stay identical: SFT and SFT-then-RL differ only in the warm-up length."""
+    sft = rt.expand(rt.METHODS["sft"], 150)
+    then = rt.expand(rt.METHODS["sft_then_rl"], 150)
+    assert [o for o in sft if "warmup" not in o] == [o for o in then if "warmup" not in o]
+    assert "algorithm.sft_warmup_steps=150" in sft and "algorithm.sft_warmup_steps=75" in then
 
 
 @pytest.mark.parametrize("split", ["val", "test"])
-def test_runs_are_scored_on_the_requested_split(split):
-    args = reproduce_toy.argparse.Namespace(steps=10, split=split, overrides=[])
-    cmd = reproduce_toy.command("sft_then_rl", 1, Path("/tmp/x"), args)
-    assert "algorithm.sft_warmup_steps=5" in cmd and "seed=1" in cmd
+def test_runs_are_scored_on_their_split(split):
+    rt.ARGS = rt.argparse.Namespace(runs_dir="/tmp/x", overrides=[])
+    cmd = rt.train_command(rt.Job("study", "sft_then_rl", 1, rt.METHODS["sft_then_rl"], split))
+    assert "algorithm.sft_warmup_steps=75" in cmd and "seed=1" in cmd and "logger=csv" in cmd
     assert ("data.eval_sets.level4.split=val" in cmd) == (split == "val")
+
+
+def test_edge_extension_of_the_tuning_grid():
+    assert rt.edge_value(["1e-4", "2e-4", "4e-4"], "4e-4") == "1.2e-3"
+    assert rt.edge_value(["3e-5", "1e-4", "3e-4"], "3e-5") == "1e-5"
+    assert rt.edge_value(["1e-4", "3e-4", "1e-3"], "3e-4") is None
