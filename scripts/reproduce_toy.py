@@ -571,21 +571,21 @@ def premise_text(runs: dict[str, dict[int, dict]], base_eval: dict | None, base_
 
     base0 = next(iter(runs["grpo"].values()))["evals"][0]  # step 0: the base, avg@4
     b = accuracy(base0)
-    btok = response_tokens(base0)
     lines = []
     # P1
     g_final = [accuracy(final_eval(r))["level4"] * 100 for r in runs["grpo"].values()]
     g_max = max(accuracy(e)["level4"] * 100 for r in runs["grpo"].values() for t, e in r["evals"].items() if t > 0)
+    correct, total = 0, 0
     if base_eval is not None:
         shares = base_eval["level4"]["correct"]
-        correct = round(sum(shares.values()) * base_k)
-        base_line = (f"{correct} correct of {len(shares) * base_k} samples ({len(shares)} level-4 "
-                     f"validation questions x {base_k}, T=1)")
+        correct, total = round(sum(shares.values()) * base_k), len(shares) * base_k
+        base_line = (f"{correct} correct of {total} samples ({len(shares)} level-4 validation "
+                     f"questions x {base_k}, T=1)")
     else:
         base_line = "(base evaluation missing)"
-    p1 = correct == 0 and g_max <= 1.0 if base_eval is not None else False
-    lines.append(("P1", "beyond reach", "the base never samples a correct level-4 answer, and GRPO alone "
-                  f"stays at <= 1% on level 4 at every evaluation of {STEPS} steps",
+    p1 = total > 0 and correct / total <= 0.001 and g_max <= 1.0
+    lines.append(("P1", "beyond reach", "at most 0.1% of the base's level-4 samples correct, and GRPO's "
+                  f"level-4 accuracy <= 1% at every evaluation of every seed ({STEPS} steps)",
                   f"base: {base_line}; GRPO ({len(g_final)} seeds): level 4 {mean_std(g_final)}% at step "
                   f"{max(next(iter(runs['grpo'].values()))['evals'])}, highest at any evaluation {g_max:.1f}%", p1))
     # P2, P3
@@ -594,12 +594,13 @@ def premise_text(runs: dict[str, dict[int, dict]], base_eval: dict | None, base_
     steps = max(next(iter(sl.values()))["evals"])
     l4 = [f["level4"] * 100 for f in fin]
     p2 = statistics.fmean(l4) >= 50.0
-    lines.append(("P2", "learnable from demonstrations", ">= 50% on level 4 after SFT on level-4 "
-                  f"demonstrations alone, {steps} SFT steps of {BATCH} rows",
+    lines.append(("P2", "learnable from demonstrations", "level-4 accuracy >= 50% after SFT on the "
+                  f"level-4 demonstrations alone, {steps} SFT steps of {BATCH} rows (mean over seeds)",
                   f"level 4: base {b['level4'] * 100:.1f}% -> {mean_std(l4)}% ({len(l4)} seeds)", p2))
     drops = {s: [(f[s] - b[s]) * 100 for f in fin] for s in EASY}
     p3 = all(statistics.fmean(d) >= -5.0 for d in drops.values())
-    lines.append(("P3", "orthogonal", "the same SFT costs each of levels 1-3 at most 5 points (mean over seeds)",
+    lines.append(("P3", "orthogonal", f"each of levels 1-3 at step {steps} at most 5 points below the base "
+                  "(mean over seeds)",
                   "; ".join(f"{s}: {b[s] * 100:.1f} -> {mean_std([f[s] * 100 for f in fin])} "
                             f"({statistics.fmean(drops[s]):+.1f})" for s in EASY), p3))
     # P4
@@ -611,9 +612,9 @@ def premise_text(runs: dict[str, dict[int, dict]], base_eval: dict | None, base_
     ratio = statistics.fmean(t["avg"] for t in tok_all) / base_easy
     p4 = ratio >= 1.5
     acc_all = [accuracy(final_eval(r)) for r in sa.values()]
-    lines.append(("P4", "imitating everything costs", "SFT on every level's demonstrations "
-                  "(same budget) lengthens the responses on levels 1-3 by >= 1.5x; SFT on level 4 "
-                  "alone and GRPO leave them near the base's",
+    lines.append(("P4", "imitation everywhere costs", "mean response tokens on levels 1-3 >= 1.5x the "
+                  f"base's after SFT on every level's demonstrations (same lr, {STEPS} steps); the "
+                  "accuracy it leaves is reported, not barred",
                   f"levels 1-3 response tokens: base {base_easy:.1f}; SFT on all "
                   f"{mean_std([t['avg'] for t in tok_all])} ({ratio:.2f}x); SFT on level 4 only "
                   f"{mean_std([t['avg'] for t in tok_l4])}; GRPO {mean_std([t['avg'] for t in tok_g])}. "
@@ -628,7 +629,7 @@ def premise_text(runs: dict[str, dict[int, dict]], base_eval: dict | None, base_
               "| run | step | " + " | ".join(LEVELS) + " | avg | response tokens (levels 1-3) |",
               "|---|---|" + "---|" * (len(LEVELS) + 2)]
     detail.append("| base | 0 | " + " | ".join(f"{b[s] * 100:.1f}" for s in LEVELS)
-                  + f" | {b['avg'] * 100:.1f} | {btok['avg'] if False else base_easy:.1f} |")
+                  + f" | {b['avg'] * 100:.1f} | {base_easy:.1f} |")
     for name, seeds in runs.items():
         fins = [accuracy(final_eval(r)) for r in seeds.values()]
         toks = [response_tokens(final_eval(r), EASY)["avg"] for r in seeds.values()]
