@@ -20,7 +20,7 @@ checkpoint, so a stopped reproduction continues where it was. Outputs (``--out``
 - ``toy2_tuning.md`` (``--stage tune``): the grid of docs/results/toy2_protocol.md and what it chose.
 
 The first edition (the first toy world, ``experiment=toy_paper``) is docs/results/toy_table.md,
-produced by this script at commit 1554ac3.
+produced by this script at commit ddffdd0.
 """
 
 from __future__ import annotations
@@ -51,12 +51,11 @@ BATCH = 16
 
 # -- settings chosen on the validation split (docs/results/toy2_tuning.md, by --stage tune under
 # docs/results/toy2_protocol.md), before the test run. Hydra overrides on experiment=toy2_paper.
-# (Until the tuning stage has run, these are the toy defaults.)
-RL_LR = "algorithm.rl_optimizer.lr=2e-4"              # GRPO's choice; every RL method but LUFFY
-LUFFY_RL_LR = "algorithm.rl_optimizer.lr=2e-4"        # LUFFY's own choice
+RL_LR = "algorithm.rl_optimizer.lr=1e-4"              # GRPO's choice; every RL method but LUFFY
+LUFFY_RL_LR = "algorithm.rl_optimizer.lr=1e-4"        # LUFFY's own choice
 SFT_LR = "algorithm.sft_optimizer.lr=1e-3"            # SFT's choice (also SFT-then-RL's SFT phase)
-RELIFT_SFT_LR = "algorithm.sft_optimizer.lr=3e-4"     # ReLIFT's choice (also its ablations)
-UNIFORM_INTERVAL = "algorithm.sft_interval=4"         # about ReLIFT's SFT steps on validation
+RELIFT_SFT_LR = "algorithm.sft_optimizer.lr=1e-4"     # ReLIFT's choice (also its ablations)
+UNIFORM_INTERVAL = "algorithm.sft_interval=20"        # 150 / ReLIFT's 7.5 SFT steps on validation
 
 METHODS: dict[str, list[str]] = {
     "grpo": ["algorithm=grpo", RL_LR],
