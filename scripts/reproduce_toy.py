@@ -486,7 +486,7 @@ def capability_tables(category: dict[str, str], counts: dict[str, dict[str, int]
 
 
 def plot_capability(base: dict[str, float], finals: dict[str, dict[str, float]], levels: dict[str, str],
-                    path: Path, samples: str) -> tuple[dict, dict, dict]:
+                    path: Path, samples: str, split_name: str = "test") -> tuple[dict, dict, dict]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -511,17 +511,18 @@ def plot_capability(base: dict[str, float], finals: dict[str, dict[str, float]],
     left.set_xticks([(a + b) / 2 for a, b in zip(bounds, bounds[1:])], LEVELS)
     for b in bounds[1:-1]:
         left.axvline(b - 0.5, color="white", lw=2)
-    left.set_title(f"each test question: share of samples correct ({samples})", fontsize=9)
+    left.set_title(f"each {split_name} question: share of samples correct ({samples})", fontsize=9)
     fig.colorbar(image, ax=left, fraction=0.025)
     bottom = [0] * len(LEVELS)
     for cat, color in CATEGORIES.items():
         vals = [sum(category[q] == cat for q in base if levels[q] == s) for s in LEVELS]
         right.bar(LEVELS, vals, bottom=bottom, color=color, label=cat)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    right.set_ylabel("test questions")
+    right.set_ylabel(f"{split_name} questions")
     right.set_title(f"solved = share >= {SOLVED:g} ({samples});\ncategories over base + "
                     + ", ".join(finals), fontsize=9)
-    right.legend(handles=[Patch(color=c, label=k) for k, c in CATEGORIES.items()], fontsize=8)
+    right.legend(handles=[Patch(color=c, label=k) for k, c in CATEGORIES.items()], fontsize=8,
+                 loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
