@@ -367,6 +367,8 @@ class ReLIFTModule(L.LightningModule):
             with self._timed("rl_update"):
                 rl_update(self, rollout, advantages, metrics, demos, mixed_ids)  # 4.
             trained_tokens += int(rollout.attention_mask.sum())
+            if demos:  # RL with SFT loss: the demonstrations pass with every RL optimizer step
+                trained_tokens += self.algo.num_mini_batches * self._own_tokens(demos)
             rollout_metrics(self.metrics, rollout, self._sampled(rollout), rewards, scored)
             group = (-1, self.algo.group_size)
             record = StepRecord(batch, rewards.view(group), responses, self._sampled(rollout).view(group))
@@ -378,8 +380,7 @@ class ReLIFTModule(L.LightningModule):
         if rows:
             with self._timed("sft"):
                 sft_update(self, rows, metrics)  # 5.
-            mine = rows[world_size_and_rank()[1] :: world_size_and_rank()[0]]
-            trained_tokens += sum(len(r["prompt_ids"]) + len(r["demo_ids"]) for r in mine)
+            trained_tokens += self._own_tokens(rows)
 
         self.step_count += 1
         step_metrics(self, time.perf_counter() - started, trained_tokens)
@@ -415,6 +416,12 @@ class ReLIFTModule(L.LightningModule):
         self.metrics.add("luffy/demos_mixed", sum(has_demo))
         self.metrics.add("luffy/demos_too_long", len(too_long))
         return mixed, all_gather_objects([str(r["id"]) for r, m in zip(batch, has_demo) if m])
+
+    @staticmethod
+    def _own_tokens(rows: list[dict[str, Any]]) -> int:
+        """Prompt + demonstration tokens of this rank's share of ``rows`` (the SFT passes' split)."""
+        world, rank = world_size_and_rank()
+        return sum(len(r["prompt_ids"]) + len(r["demo_ids"]) for r in rows[rank::world])
 
     @staticmethod
     def _batch_demos(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -255,6 +255,11 @@ def load_run(path: Path) -> dict:
                 metrics[step].update({k: float(v) for k, v in row.items() if v != "" and k != "step"})
     summary_path = path / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    logged = {step for step, m in metrics.items() if "perf/trained_tokens" in m}
+    missing = sorted(set(range(1, summary.get("steps", 0) + 1)) - logged)
+    if summary and missing:  # the sums below would silently undercount
+        raise SystemExit(f"{csv_path}: no step metrics for steps {missing[0]}..{missing[-1]} "
+                         f"({len(missing)} of {summary['steps']}); delete {path} and run the script again")
     return {"summary": summary, "evals": dict(evals), "metrics": dict(metrics)}
 
 
@@ -326,9 +331,9 @@ def row_updates(run: dict, batch: int = BATCH) -> int:
 def trained_tokens(run: dict) -> float:
     """Tokens through forward + backward passes of the updates, summed over the run: every RL
     step's rollouts (prompt + response, G per prompt), every SFT step's rows (prompt +
-    demonstration) and, for RL with SFT loss, the demonstration tokens of the SFT loss."""
-    total = sum(v for _, v in series(run, "perf/trained_tokens"))
-    return total + sum(v for _, v in series(run, "rl/sft_demo_tokens"))
+    demonstration) and, for RL with SFT loss, the demonstrations (prompt + demonstration) its SFT
+    loss passes with every RL optimizer step: the module's ``perf/trained_tokens``."""
+    return sum(v for _, v in series(run, "perf/trained_tokens"))
 
 
 def generated_tokens(run: dict) -> float:

@@ -3,6 +3,7 @@ best one chosen on a fresh evaluation, and the final policy as a Hugging Face mo
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 
@@ -70,6 +71,10 @@ def test_resume_keeps_writing_last_and_a_finished_run_does_not_train_on(tmp_path
     assert resumed.module.step_count == 4
     assert not list(folder.glob("last-v*")), sorted(p.name for p in folder.iterdir())
     assert _step_of(folder / "last.ckpt") == 4
+    # metrics.csv continues across the resume: every step once (Lightning's CSVLogger erased 1-2).
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        logged = [int(float(r["step"])) for r in csv.DictReader(f) if r.get("train/rl_step")]
+    assert logged == [1, 2, 3, 4]
     # Resumed again with the same max_steps (a requeue of a finished job): no step, no rewrite.
     before = (folder / "last.ckpt").stat().st_mtime_ns
     again = fit(compose_cfg(
