@@ -700,7 +700,8 @@ def write_study(runs: dict[str, dict[int, dict]], base: dict, k_base: int) -> No
     text = [
         "# The paper in miniature, second edition: every method on the second toy world (test split)", "",
         "`python scripts/reproduce_toy.py` (protocol: docs/results/toy2_protocol.md; settings: "
-        "docs/results/toy2_tuning.md; premise: docs/results/toy2_premise.md).", "",
+        "docs/results/toy2_tuning.md; premise: docs/results/toy2_premise.md; how the committed results "
+        "were run: docs/results/toy2_study_log.md).", "",
         f"Accuracy = avg@4 (% of 4 samples at T=1 correct) on the test questions of each level after "
         f"{STEPS} training steps; avg = mean of the four levels. Cells are mean ± sample std over the "
         "method's seeds (n in the seeds column). The base row is the base scored once with "
