@@ -1,44 +1,50 @@
 """A CSV logger that a resumed run continues instead of erasing.
 
 Lightning's ``CSVLogger`` deletes ``metrics.csv`` when its folder already exists, so a run
-resumed into its own folder (``ckpt_path=last``) would keep only the steps after the resume.
-Here the file is kept; the rows of the steps the resumed run logs again (those after its
-checkpoint) are replaced, so each step appears once, as the run that finished logged it.
+resumed into its own folder (``ckpt_path=...``) would keep only the steps after the resume; and it
+writes the file every 100 steps, so a killed run loses up to 100 steps its checkpoint holds.
+Here, at fit start (``LogContinuation``, added by ``train.build`` beside this logger):
+
+- a resumed run keeps the rows up to the step it resumes from and drops the later ones (they
+  are logged again), so each step appears once, as the run that got there logged it;
+- a fresh run in a used folder starts a fresh file, as Lightning's does;
+
+and the rows are written whenever a checkpoint is, so a checkpoint never holds steps the file
+lacks.
 """
 
 from __future__ import annotations
 
 import csv
-from typing import Any
+import logging
 
+import lightning as L
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
 
 
 class _ContinuingWriter(ExperimentWriter):
-    def __init__(self, log_dir: str) -> None:
-        self._resume_checked = False
-        super().__init__(log_dir)
-
-    def _check_log_dir_exists(self) -> None:  # Lightning's deletes the file; this one keeps it
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes the file here; see start()
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
 
-    def log_metrics(self, metrics_dict: dict[str, Any], step: int | None = None) -> None:
-        if not self._resume_checked and step is not None:
-            self._resume_checked = True
-            self._drop_rows_from(step)
-        super().log_metrics(metrics_dict, step)
-
-    def _drop_rows_from(self, step: int) -> None:
-        """Drops the kept rows at or after ``step``: the resumed run logs those steps again."""
+    def start(self, resumed_step: int | None) -> None:
+        """Keeps the rows at steps <= ``resumed_step`` (none for a fresh run)."""
         if not self._fs.isfile(self.metrics_file_path):
             return
         with self._fs.open(self.metrics_file_path, "r", newline="") as f:
             rows = list(csv.DictReader(f))
-        kept = [row for row in rows if row.get("step", "") != "" and int(float(row["step"])) < step]
+        if resumed_step is None:
+            log.warning("%s: an earlier run's metrics, replaced by this run's", self.metrics_file_path)
+            self._fs.rm_file(self.metrics_file_path)
+            self.metrics_keys = sorted(set().union(*self.metrics)) if self.metrics else []
+            return
+        kept = [row for row in rows if int(float(row["step"])) <= resumed_step]
         if len(kept) < len(rows):
             with self._fs.open(self.metrics_file_path, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
@@ -56,3 +62,21 @@ class ContinuingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    @rank_zero_only
+    def start(self, resumed_step: int | None) -> None:
+        self.experiment.start(resumed_step)
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        self.save()  # what the checkpoint holds is on disk too
+
+
+class LogContinuation(L.Callback):
+    """Tells each ``ContinuingCSVLogger`` at fit start whether, and from which step, the run resumed
+    (the module's ``step_count`` is restored from the checkpoint before ``on_fit_start``)."""
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        resumed = module.step_count if trainer.ckpt_path else None
+        for logger in trainer.loggers:
+            if isinstance(logger, ContinuingCSVLogger):
+                logger.start(resumed)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks.evaluation import BenchmarkEvaluation
 from relift_pl.checkpoint import resolve_ckpt_path
 from relift_pl.data.openr1_sample import openr1_sample
+from relift_pl.loggers import ContinuingCSVLogger, LogContinuation
 from relift_pl.models import load_policy, load_tokenizer, resolve_model_path
 from relift_pl.module import ReLIFTModule
 from relift_pl.quiet import quiet_known_noise
@@ -51,6 +52,8 @@ def build(
         instantiate_checked(node, f"logger.{name}")
         for name, node in (cfg.logger or {}).items() if node is not None
     ]
+    if any(isinstance(lg, ContinuingCSVLogger) for lg in loggers):
+        callbacks.append(LogContinuation())  # the logger keeps or replaces metrics.csv by resume
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     model_path = resolve_model_path(cfg.model.name_or_path, instantiate(cfg.model.get("build")))
     # Seeded after the (possibly freshly built) base exists: building it draws random numbers.

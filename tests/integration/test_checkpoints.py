@@ -26,6 +26,12 @@ RUN = [
 ]
 
 
+def _trained_steps(out) -> list[int]:
+    """The steps with a training row in the run's metrics.csv, in file order."""
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        return [int(float(r["step"])) for r in csv.DictReader(f) if r.get("train/rl_step")]
+
+
 def _step_of(path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["relift"]["step_count"]
 
@@ -72,9 +78,7 @@ def test_resume_keeps_writing_last_and_a_finished_run_does_not_train_on(tmp_path
     assert not list(folder.glob("last-v*")), sorted(p.name for p in folder.iterdir())
     assert _step_of(folder / "last.ckpt") == 4
     # metrics.csv continues across the resume: every step once (Lightning's CSVLogger erased 1-2).
-    with open(out / "csv" / "metrics.csv", newline="") as f:
-        logged = [int(float(r["step"])) for r in csv.DictReader(f) if r.get("train/rl_step")]
-    assert logged == [1, 2, 3, 4]
+    assert _trained_steps(out) == [1, 2, 3, 4]
     # Resumed again with the same max_steps (a requeue of a finished job): no step, no rewrite.
     before = (folder / "last.ckpt").stat().st_mtime_ns
     again = fit(compose_cfg(
@@ -139,6 +143,7 @@ def test_a_run_preempted_in_its_last_step_is_finished_by_its_resume(tmp_path):
     assert again.module.step_count == 2 and again.module.rl_step == 2
     assert _step_of(folder / "last.ckpt") == 2
     assert (out / "final_model" / "model.safetensors").exists()
+    assert _trained_steps(out) == [1, 2]  # the resume logs only an evaluation: step 2's row stays
 
 
 def test_linking_last_to_a_top_k_file_is_refused():
