@@ -89,6 +89,7 @@ def compose(args: argparse.Namespace):
     import relift_pl.train  # noqa: F401  (registers the config resolvers)
 
     overrides = [
+        "experiment=toy",  # the fixed workload of the TRL comparison
         f"algorithm={'relift' if args.sft else 'grpo'}",
         f"rollout={args.rollout}",
         "trainer=cpu",

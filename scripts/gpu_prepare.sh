@@ -2,8 +2,10 @@
 # Prepares what the GPU machine lacks (run here, on a machine with PyPI): the pure-Python wheels
 # of hydra-core, omegaconf, antlr4, math-verify, latex2sympy2_extended, datasets, dill,
 # multiprocess and xxhash for Python 3.12, and the data the rehearsal reads (benchmarks, MATH
-# train), into .gpu/ (git-ignored). The device tool then carries .gpu and .cache:
-#   carry: [".gpu", ".cache"]   command: bash scripts/gpu_first_run.sh "$OUT"
+# train), into .gpu/ (git-ignored). The device tool then carries .gpu and the built bases (not
+# all of .cache: the toy study's runs there are GBs, over the carry limit):
+#   carry: [".gpu", ".cache/toy_base", ".cache/tiny_qwen", ".cache/openr1_sample"]
+#   command: bash scripts/gpu_first_run.sh "$OUT"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.gpu/wheels

@@ -12,7 +12,7 @@ from callbacks.evaluation import BenchmarkEvaluation
 
 def test_toy2_relift_mines_level_4_and_takes_an_sft_step(tmp_path):
     cfg = compose_cfg([
-        "experiment=toy2_paper", *QUIET_TOY, "max_steps=3", "algorithm=relift",
+        *QUIET_TOY, "experiment=toy2_paper", "max_steps=3", "algorithm=relift",  # after QUIET_TOY's
         "data.train_rows.levels=[4]",  # beyond the base's reach: every group fails, the buffer fills
         "rollout.sampling.max_new_tokens=96", "callbacks.evaluation.after_training=true",
     ], output_dir=tmp_path / "run")  # fmt: skip
