@@ -16,13 +16,8 @@ the mixture's level-3 accuracy follows the knob.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +26,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from relift_pl.toy.cache import cached_build
 from relift_pl.toy.tokenizer import build_toy_tokenizer
 from relift_pl.toy.world import ToyWorldConfig, level_pool
 
@@ -134,25 +130,10 @@ def ensure_toy_base(
     )
     if task_fraction:  # only then: the first world's bases keep their cache keys
         settings["task_fraction"] = task_fraction
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    cache_dir = Path(cache_dir)
-    target = cache_dir / f"toy-base-{key}"
-    if (target / METADATA_FILE).exists():
-        return target
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_dir))
-    try:
-        metrics = _train_base(tmp, settings, world, model_overrides or {}, log_every, device)
-        (tmp / METADATA_FILE).write_text(json.dumps({**settings, **metrics}, indent=2))
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished the same base first: keep theirs
-            if not (target / METADATA_FILE).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached_build(
+        cache_dir, "toy-base", settings, METADATA_FILE,
+        lambda tmp: _train_base(tmp, settings, world, model_overrides or {}, log_every, device),
+    )  # fmt: skip
 
 
 def _train_base(

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from relift_pl.data.templates import QWEN_THINK_TEMPLATE
+from relift_pl.toy.cache import cached_build
 
 VERSION = 3
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -97,13 +96,8 @@ def ensure_tiny_qwen(
         corpus=[corpus.name, corpus.stat().st_size] if corpus and corpus.exists() else None,
         extra=hashlib.sha256("\n".join(extra_texts).encode()).hexdigest()[:12],
     )  # fmt: skip
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    target = Path(cache_dir) / f"tiny-qwen-{key}"
-    if (target / METADATA_FILE).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         tokenizer = train_tokenizer(corpus_texts(corpus, tuple(extra_texts)), vocab_size)
         config = Qwen2Config(
             vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -121,12 +115,5 @@ def ensure_tiny_qwen(
         # and the final export goes back to the checkpoint's dtype, as at 7B.
         model.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / METADATA_FILE).write_text(json.dumps(settings, indent=1))
-        if target.exists():  # another process built it meanwhile
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return cached_build(cache_dir, "tiny-qwen", settings, METADATA_FILE, build)
