@@ -1,9 +1,10 @@
 """Score a model or a training checkpoint on the benchmarks; writes results.{md,csv,png}.
 
 Examples:
-    python evaluate.py                                          # the toy base (model=tiny)
+    python evaluate.py run_dir=outputs/<date>/<time>            # a train.py run, as it evaluated itself
+    python evaluate.py model=tiny2 data=toy2                    # the toy world's base
     python evaluate.py model=pretrained model.name_or_path=/path/to/hf_model_dir trainer=gpu
-    python evaluate.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt
+    python evaluate.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt model=tiny2 data=toy2
     python evaluate.py callbacks.evaluation.max_problems=20 callbacks.evaluation.k=8
 """
 

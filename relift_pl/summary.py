@@ -34,6 +34,9 @@ class RunSummary:
     """The training step of ``after`` (``steps`` unless the run stopped without evaluating)."""
     preempted: bool = False
     """The run stopped on a signal at ``steps``, without its final evaluation."""
+    resumed: bool = False
+    """The job resumed from a checkpoint: ``wall_seconds`` is this job's (the time split in
+    ``extra`` covers the whole run)."""
 
     @staticmethod
     def before_and_after(
@@ -92,7 +95,8 @@ class RunSummary:
         table.add_row("training steps", "", str(self.steps), "")
         table.add_row("RL steps / SFT steps", "", f"{self.rl_steps} / {self.sft_steps}", "")
         table.add_row("demos used / available", "", f"{self.demos_used} / {self.demos_available}", f"{frac:.1%}")
-        table.add_row("wall time", "", f"{self.wall_seconds / 60:.1f} min", "")
+        wall = "wall time (since the resume)" if self.resumed else "wall time"
+        table.add_row(wall, "", f"{self.wall_seconds / 60:.1f} min", "")
         for phase, seconds, share in self.time_split():
             table.add_row(f"  time: {phase}", "", f"{seconds / 60:.1f} min", f"{share:.0%}")
         peak = {k: v for k, v in self.extra.items() if k.startswith("perf/peak_")}

@@ -122,6 +122,7 @@ def fit(cfg: DictConfig) -> FitResult:
         after=after,
         after_step=after_step,
         preempted=module.preempted,
+        resumed=ckpt_path is not None,
         steps=module.step_count,
         rl_steps=module.rl_step,
         sft_steps=module.sft_step,

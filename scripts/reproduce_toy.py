@@ -80,7 +80,7 @@ CAPABILITY_METHODS = MAIN
 PREMISE_SEEDS = [100, 101, 102]
 PREMISE_SFT_LR = "algorithm.sft_optimizer.lr=5e-5"
 PREMISE_RUNS: dict[str, list[str]] = {
-    # P1: RL alone, the study's budget (the toy default RL rate; GRPO's own choice comes later).
+    # P1: RL alone, the study's budget (the first toy world's RL rate; GRPO's own choice comes later).
     "grpo": ["algorithm=grpo", "algorithm.rl_optimizer.lr=2e-4"],
     # P2, P3: SFT on the hardest level's demonstrations alone, 40 steps of M=16 rows.
     "sft_level4": ["algorithm=sft", "data.train_rows.levels=[4]", PREMISE_SFT_LR, "max_steps=40",

@@ -1,6 +1,8 @@
-"""Per-level accuracy of the toy base policy, sampled at temperature 1.0.
+"""Per-level accuracy of the first toy world's base policy (`experiment=toy`, `model=tiny`),
+sampled at temperature 1.0. (The default toy world's base is measured by
+`scripts/reproduce_toy.py --stage premise`.)
 
-The toy world is tuned so that the warm-started base solves levels 1-2 (>= 60%), sometimes solves
+The first toy world is tuned so that the warm-started base solves levels 1-2 (>= 60%), sometimes solves
 level 3 (~5-40%) and never solves level 4 (< 2%). This script measures exactly that on held-out
 test problems: k samples per problem, a sample counts when the text after `</think>` ends in
 `\\boxed{gold}` (the toy answers are plain integers, so string equality is what math-verify would

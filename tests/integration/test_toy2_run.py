@@ -1,5 +1,5 @@
-"""The second toy world runs through the same train.py path as the default: its base (digit
-tasks in the teacher's words), its four eval levels, and ReLIFT's SFT step on level-4 rows."""
+"""The default run's world (experiment=toy2) through train.py: its base (digit tasks in the
+teacher's words), its four eval levels, and ReLIFT's SFT step on level-4 rows."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from callbacks.evaluation import BenchmarkEvaluation
 
 def test_toy2_relift_mines_level_4_and_takes_an_sft_step(tmp_path):
     cfg = compose_cfg([
-        *QUIET_TOY, "experiment=toy2_paper", "max_steps=3", "algorithm=relift",  # after QUIET_TOY's
+        *QUIET_TOY, "experiment=toy2", "max_steps=3",  # the default, after QUIET_TOY's world 1
         "data.train_rows.levels=[4]",  # beyond the base's reach: every group fails, the buffer fills
         "rollout.sampling.max_new_tokens=96", "callbacks.evaluation.after_training=true",
     ], output_dir=tmp_path / "run")  # fmt: skip

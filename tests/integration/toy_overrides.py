@@ -1,7 +1,7 @@
 """A quick toy configuration shared by the CPU run tests (a tiny, barely trained base)."""
 
 QUICK_TOY = [
-    # The first toy world: the mechanics tests were written on it (the default is toy2, tested
+    # The first toy world: the mechanics tests were written on it (the default, toy2, is trained
     # in test_toy2_run.py); a later experiment= in a test's overrides wins.
     "experiment=toy",
     "num_threads=1",

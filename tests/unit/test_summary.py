@@ -103,3 +103,12 @@ def test_sets_with_different_k_are_labelled_with_their_k():
     assert row(text, "aime24 (avg@32)") == ["aime24 (avg@32)", "50.0%", "50.0%", "+0.0%"]
     assert row(text, "math500 (avg@8)") == ["math500 (avg@8)", "25.0%", "25.0%", "+0.0%"]
     assert row(text, "avg") == ["avg", "37.5%", "37.5%", "+0.0%"]
+
+
+def test_a_resumed_job_labels_its_wall_time_as_its_own():
+    fresh = summary([(0, M0), (4, M4)])
+    resumed = summary([(0, M0), (4, M4)])
+    resumed.resumed = True
+    assert row(rendered(fresh), "wall time")[1:] == ["", "1.5 min", ""]
+    assert row(rendered(resumed), "wall time (since the resume)")[1:] == ["", "1.5 min", ""]
+    assert "wall time (since" not in rendered(fresh)
