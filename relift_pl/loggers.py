@@ -37,13 +37,13 @@ class _ContinuingWriter(ExperimentWriter):
         """Keeps the rows at steps <= ``resumed_step`` (none for a fresh run)."""
         if not self._fs.isfile(self.metrics_file_path):
             return
-        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-            rows = list(csv.DictReader(f))
         if resumed_step is None:
             log.warning("%s: an earlier run's metrics, replaced by this run's", self.metrics_file_path)
             self._fs.rm_file(self.metrics_file_path)
-            self.metrics_keys = sorted(set().union(*self.metrics)) if self.metrics else []
+            self.metrics_keys = []  # save() records the keys of what this run logs
             return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            rows = list(csv.DictReader(f))
         kept = [row for row in rows if int(float(row["step"])) <= resumed_step]
         if len(kept) < len(rows):
             with self._fs.open(self.metrics_file_path, "w", newline="") as f:
