@@ -23,7 +23,7 @@ from typing import Any
 
 from datasets import load_dataset, load_from_disk
 
-from relift_pl.rewards.extract import THINK_CLOSE, last_boxed, split_think
+from relift_pl.rewards.extract import GRADING_MODES, THINK_CLOSE, last_boxed, split_think
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ DEFAULT_COLUMNS: dict[str, str | None] = {
 # A stated final answer: \boxed{...}, or MATH's brace-less "\boxed 5".
 _FINAL_ANSWER = re.compile(r"\\(?:boxed|fbox)\s*(?:\{|[^\s{])")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
-GRADING_MODES = ("math", "choice", "auto")
 
 
 class BadRowError(ValueError):

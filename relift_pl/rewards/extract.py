@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+GRADING_MODES = ("math", "choice", "integer", "auto")
+"""How an answer is graded (``reward.mode``, or a data row's ``grading``)."""
 THINK_CLOSE = "</think>"
 THINK_OPEN = "<think>"
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
@@ -34,6 +36,21 @@ def split_think(response: str) -> tuple[str | None, str | None]:
     if reasoning.startswith(THINK_OPEN):
         reasoning = reasoning[len(THINK_OPEN) :]
     return reasoning, response[cut + len(THINK_CLOSE) :]
+
+
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def integer_literal(text: str) -> int | None:
+    """The integer that ``text`` is, when it is exactly one integer literal (surrounding spaces
+    and ``$`` allowed: ``" 27 "``, ``"$-16$"``, ``"+5"``); None for anything else (``12+5+4+6``,
+    ``27.0``, ``2 7``, ``\\frac{54}{2}``). The toy worlds' answers are numbers, and an
+    expression that evaluates to the gold (the question copied into the box) is not an answer.
+    Bounded: a literal of more than 4,300 digits is not one (Python's int() limit)."""
+    text = text.strip().strip("$").strip()
+    if len(text) > 4300 or not _INTEGER.fullmatch(text):
+        return None
+    return int(text)
 
 
 def last_boxed(text: str) -> str | None:

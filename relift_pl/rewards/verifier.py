@@ -37,6 +37,7 @@ from math_verify import parse, verify
 from relift_pl.rewards import extract
 
 OK, TIMEOUT, FAILURE = "ok", "timeout", "failure"
+GRADING_MODES = extract.GRADING_MODES
 _STARTUP_TIMEOUT_S = 120.0  # a fresh interpreter importing sympy; slow on a loaded machine
 _WORKER_CMD = (
     "import sys; from relift_pl.rewards.verifier import _worker_main; _worker_main(sys.argv)"
@@ -153,8 +154,10 @@ class MathVerifyReward:
         memory_limit_mb: Address-space headroom of each worker above its footprint after imports
             (RLIMIT_AS); None disables the limit.
         mode: "math" (boxed answer vs gold with math-verify), "choice" (gold is a choice letter
-            A-E or digit 1-5, compared case-insensitively), or "auto" (choice when the gold is a
-            single letter A-E, math otherwise; digit golds are math).
+            A-E or digit 1-5, compared case-insensitively), "integer" (the toy worlds: the box
+            holds one integer literal equal to the gold's; no math-verify, which would evaluate
+            a copied question such as ``12+5+4+6``), or "auto" (choice when the gold is a single
+            letter A-E, math otherwise; digit golds are math).
     """
 
     def __init__(
@@ -163,10 +166,10 @@ class MathVerifyReward:
         timeout_s: float = 5.0,
         num_workers: int = 1,
         memory_limit_mb: int | None = 2048,
-        mode: Literal["math", "choice", "auto"] = "auto",
+        mode: Literal["math", "choice", "integer", "auto"] = "auto",
     ) -> None:
-        if mode not in ("math", "choice", "auto"):
-            raise ValueError(f"reward.mode must be one of math, choice, auto; got {mode!r}")
+        if mode not in GRADING_MODES:
+            raise ValueError(f"reward.mode must be one of {', '.join(GRADING_MODES)}; got {mode!r}")
         # A zero budget would score every response 0 without a word: reject it up front.
         if not timeout_s > 0:
             raise ValueError(f"reward.timeout_s must be > 0 (seconds per item), got {timeout_s}")
@@ -192,7 +195,7 @@ class MathVerifyReward:
         Args:
             responses: decoded completions.
             golds: one gold answer per response.
-            modes: optional per-item grading mode (``math``/``choice``/``auto``; None for the
+            modes: optional per-item grading mode (one of ``GRADING_MODES``; None for the
                 reward's own ``mode``), e.g. ``choice`` for ARC-c's digit-numbered options.
         """
         if len(responses) != len(golds):
@@ -220,7 +223,7 @@ class MathVerifyReward:
         self, response: str, gold: str, mode: str
     ) -> tuple[float, tuple[str, str] | None]:
         """Cheap in-parent scoring; returns (score, None) or (0, (gold, pred)) for math-verify."""
-        if mode not in ("math", "choice", "auto"):
+        if mode not in GRADING_MODES:
             raise ValueError(f"unknown grading mode {mode!r}")
         _, answer = extract.split_think(response)
         if answer is None:
@@ -237,6 +240,9 @@ class MathVerifyReward:
         boxed = extract.last_boxed(answer)
         if boxed is None:
             return 0.0, None
+        if mode == "integer":
+            pred_int, gold_int = extract.integer_literal(boxed), extract.integer_literal(gold)
+            return float(pred_int is not None and pred_int == gold_int), None
         pred = extract.normalize_answer(boxed)
         if pred == gold:  # exactness shortcut: math-verify would say 1 too, without a round trip
             return 1.0, None

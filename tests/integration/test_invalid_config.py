@@ -156,7 +156,7 @@ BUILD_ERRORS = {
         ConfigError,
         "reward.num_workers must be >= 0 (0: grade in-process), got -1",
     ),
-    "reward-mode": (["reward.mode=exact"], ConfigError, "reward.mode must be one of math, choice, auto; got 'exact'"),
+    "reward-mode": (["reward.mode=exact"], ConfigError, "reward.mode must be one of math, choice, integer, auto; got 'exact'"),
     "max-steps": (["max_steps=0"], ConfigError, "max_steps must be >= 1, got 0"),
     "max-consecutive-skips": (
         ["algorithm.max_consecutive_skips=0"],
@@ -244,7 +244,7 @@ def test_unknown_key_is_rejected_by_the_structured_config(override):
             "reward.memory_limit_mb=0",
             "reward.memory_limit_mb must be > 0 or null (no limit), got 0",
         ),
-        ("reward.mode=exact", "reward.mode must be one of math, choice, auto; got 'exact'"),
+        ("reward.mode=exact", "reward.mode must be one of math, choice, integer, auto; got 'exact'"),
     ],
 )
 def test_invalid_reward_settings(override, message):
