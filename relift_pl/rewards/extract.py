@@ -149,8 +149,9 @@ _PY_FLOAT = re.compile(r"(?<=\d)\.(?!\d)")  # "1./3", "3.": the point adds nothi
 # "\frac{dM}{dt}=...": math-verify compares only an assignment's right side with a bare answer,
 # and a derivative on the left is no assignment to it.
 _DERIVATIVE_LHS = re.compile(r"\\[dt]?frac\{\s*d[^{}=]*\}\{\s*d[^{}=]*\}\s*=(?!=)")
-# "t(0,4]": a variable and an interval (not a call f(0,4), whose brackets are both round).
-_MEMBERSHIP = re.compile(r"([A-Za-z])\s*(\([^()\[\]]*,[^()\[\]]*\]|\[[^()\[\]]*,[^()\[\]]*[)\]])")
+# "t(0,4]": a variable and an interval (not a call f(0,4), whose brackets are both round). The
+# part before the first comma holds no comma, so a match has one split point (linear time).
+_MEMBERSHIP = re.compile(r"([A-Za-z])\s*(\([^()\[\],]*,[^()\[\]]*\]|\[[^()\[\],]*,[^()\[\]]*[)\]])")
 
 
 def _closing_paren(text: str, start: int) -> int:
@@ -239,8 +240,9 @@ def extract_choice_letter(text: str, letters: str = "ABCDE") -> str | None:
         if choice is not None:
             return choice
     allowed = re.escape(letters.upper())
+    # Each run of spaces has one place in the pattern (no two quantifiers share it): linear.
     keyword = re.compile(
-        rf"(?i:answer)(?:\s+(?i:is))?\s*:?\s*[$*(\[]*\s*([{allowed}])(?![A-Za-z0-9])"
+        rf"(?i:answer)(?:\s+(?i:is))?\s*(?::\s*)?(?:[$*(\[]+\s*)?([{allowed}])(?![A-Za-z0-9])"
     )
     found = None
     for found in keyword.finditer(text):  # noqa: B007 -- keep the last match

@@ -141,3 +141,28 @@ def test_an_answer_written_like_the_interval_gold_still_matches_it():
     with MathVerifyReward(num_workers=0) as reward:
         scored = reward(["</think>\\boxed{t(0,4]}", "</think>\\boxed{t(0,5]}"], ["t(0,4]", "t(0,4]"])
     assert scored.rewards == [1.0, 0.0]
+
+
+# 100k-character answers that made a regex backtrack (issue 28): seconds to minutes each.
+HOSTILE_ANSWERS = {
+    "membership, round, commas": "a(" + "," * 100_000,
+    "membership, square, commas": "a[" + "," * 100_000,
+    "unclosed list": "t[" + "1," * 50_000,
+    "keyword, spaces": "answer" + " " * 100_000 + "x",
+    "keyword, newlines": "the answer" + "\n" * 100_000,
+    "keyword, colon, spaces": "answer:" + " " * 50_000 + "$" * 50_000,
+    "subscript command": "_{\\" + "a" * 100_000,
+    "e subscript": "E" + " " * 100_000,
+    "scientific": "1" * 100_000 + "e",
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_ANSWERS)
+def test_answer_helpers_are_linear_on_hostile_input(name):
+    text = HOSTILE_ANSWERS[name]
+    start = time.process_time()  # CPU time: other processes on the machine do not count
+    for function in (split_think, last_boxed, normalize_answer, extract_choice_letter):
+        function(text)
+        function(f"</think>\\boxed{{{text}}}")
+    # Linear work is ~10 ms here; the backtracking regexes took 2 s to hours.
+    assert time.process_time() - start < 2.0

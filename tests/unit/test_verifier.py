@@ -254,3 +254,17 @@ def test_close_leaves_no_child_processes():
             os.kill(pid, 0)
     with pytest.raises(RuntimeError, match="closed"):
         verifier([boxed("1")], ["2"])
+
+
+def test_hostile_answers_cost_the_trainer_linear_time():
+    # Choice and integer grading happen in the trainer process, outside the pool's timeout, as
+    # does math mode's normalisation (tests/unit/test_extract.py); each must stay linear.
+    from test_extract import HOSTILE_ANSWERS
+
+    texts = list(HOSTILE_ANSWERS.values())
+    responses = [f"</think>{t}" for t in texts] + [boxed(t) for t in texts]
+    reward = MathVerifyReward(num_workers=0)
+    start = time.process_time()
+    for mode in ("choice", "integer"):
+        assert reward(responses, ["A"] * len(responses), [mode] * len(responses)).rewards == [0.0] * len(responses)
+    assert time.process_time() - start < 4.0  # ~0.1 s; the backtracking regexes took minutes
