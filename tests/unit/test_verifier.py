@@ -265,6 +265,7 @@ def test_hostile_answers_cost_the_trainer_linear_time():
     responses = [f"</think>{t}" for t in texts] + [boxed(t) for t in texts]
     reward = MathVerifyReward(num_workers=0)
     start = time.process_time()
+    zeros = [0.0] * len(responses)
     for mode in ("choice", "integer"):
-        assert reward(responses, ["A"] * len(responses), [mode] * len(responses)).rewards == [0.0] * len(responses)
+        assert reward(responses, ["A"] * len(responses), [mode] * len(responses)).rewards == zeros
     assert time.process_time() - start < 4.0  # ~0.1 s; the backtracking regexes took minutes
