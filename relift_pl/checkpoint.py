@@ -14,6 +14,12 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from relift_pl.untrusted import (
+    UnsafeFileError,
+    check_distributed_checkpoint_metadata,
+    load_weights_only,
+)
+
 RESUMABLE_NAMES = ("preempted.ckpt", "last.ckpt")
 
 
@@ -205,13 +211,17 @@ def check_checkpoint_file(path: str | Path) -> Path:
 
 def _check_checkpoint_folder(path: Path) -> Path:
     """A sharded checkpoint is complete when its DCP metadata (written last, after every shard)
-    and Lightning's ``meta.pt`` (counters, callbacks; written by rank 0) are both readable."""
+    and Lightning's ``meta.pt`` (counters, callbacks; written by rank 0) are both readable, and
+    safe when neither pickles anything that could run code (:mod:`relift_pl.untrusted`)."""
     from lightning.fabric.utilities.load import _METADATA_FILENAME
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
+        check_distributed_checkpoint_metadata(path)  # before torch unpickles it
         FileSystemReader(str(path)).read_metadata()
-        torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+        load_weights_only(path / _METADATA_FILENAME)
+    except UnsafeFileError:
+        raise
     except Exception as err:  # missing or truncated files, a half-written save
         raise ValueError(
             f"checkpoint folder {path} is incomplete or corrupted ({type(err).__name__}: {err}); "

@@ -10,8 +10,9 @@ from torch import nn
 
 
 class ConfigError(ValueError):
-    """A bad config value, found before any model loads. The message is one line that names the
-    key and says what to do; train.py / evaluate.py print it without a traceback."""
+    """A bad config value (found before any model loads where it can be), or a bad file one
+    names: a data row, an untrusted checkpoint. The message is one line that names the key (or
+    file and row) and says what to do; train.py / evaluate.py print it without a traceback."""
 
 
 @dataclass

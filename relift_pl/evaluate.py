@@ -31,6 +31,7 @@ from relift_pl.config import ConfigError
 from relift_pl.module import ReLIFTModule
 from relift_pl.results import write_results
 from relift_pl.train import build
+from relift_pl.untrusted import check_saved_config, load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _load_sharded_weights(module: ReLIFTModule, folder: Path) -> dict:
 
     state = {"state_dict": module.state_dict()}
     dcp.load(state, checkpoint_id=str(folder), no_dist=True)  # reads just these keys
-    meta = torch.load(folder / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    meta = load_weights_only(folder / _METADATA_FILENAME)
     return {**state, "relift": meta.get("relift")} if "relift" in meta else state
 
 
@@ -142,6 +143,8 @@ def run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> DictC
                 "global group such as experiment=); with run_dir=, override single keys"
             )
         explicit.append(key)
+    # The folder may come from elsewhere: build nothing it names but the allowed classes.
+    check_saved_config(run, saved, trusted_keys=[*_JOB_KEYS, *explicit])
     for key in dict.fromkeys([*_JOB_KEYS, *explicit]):
         OmegaConf.update(run, key, _raw(cfg, key), merge=False, force_add=True)
     if not any(k in ("ckpt_path", "model", "model.name_or_path") for k in explicit):

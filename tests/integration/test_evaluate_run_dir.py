@@ -80,7 +80,9 @@ def test_the_last_steps_checkpoint_sees_its_evaluation(run_dir):
 
 
 def test_evaluate_run_dir_reproduces_the_final_evaluation(run_dir, tmp_path):
-    evaluated = evaluate(compose_eval([f"run_dir={run_dir}"], tmp_path), [f"run_dir={run_dir}"])
+    # The stub reward is a test class: a saved config may not name it, the command line may.
+    overrides = [f"run_dir={run_dir}", STUB_REWARD]
+    evaluated = evaluate(compose_eval(overrides, tmp_path), overrides)
     assert evaluated.metrics == summary_of(run_dir)["after"]  # exactly: same weights, seed, k
     assert [s.num_problems for s in evaluated.scores] == [4, 4, 4, 4]  # the run's max_problems
     with open(tmp_path / "csv" / "metrics.csv") as f:
@@ -88,13 +90,13 @@ def test_evaluate_run_dir_reproduces_the_final_evaluation(run_dir, tmp_path):
     assert f"- run: {run_dir}\n" in (tmp_path / "results.md").read_text()
     # The run's last checkpoint in the run's own model config scores the same.
     last = run_dir / "checkpoints" / "last.ckpt"
-    overrides = [f"run_dir={run_dir}", f"ckpt_path={last}"]
+    overrides = [f"run_dir={run_dir}", STUB_REWARD, f"ckpt_path={last}"]
     from_checkpoint = evaluate(compose_eval(overrides, tmp_path / "ckpt"), overrides)
     assert from_checkpoint.metrics == summary_of(run_dir)["after"]
 
 
 def test_evaluate_run_dir_applies_explicit_overrides(run_dir, tmp_path):
-    overrides = [f"run_dir={run_dir}", "callbacks.evaluation.max_problems=2",
+    overrides = [f"run_dir={run_dir}", STUB_REWARD, "callbacks.evaluation.max_problems=2",
                  "callbacks.evaluation.k_per_set={level1:3}"]  # fmt: skip
     evaluated = evaluate(compose_eval(overrides, tmp_path), overrides)
     assert [(s.name, s.num_problems, s.k) for s in evaluated.scores] == [
@@ -130,7 +132,8 @@ def test_a_preempted_run_says_so_and_evaluate_scores_its_checkpoint(tmp_path, mo
     # evaluate.py finds the run's preempted.ckpt (train.py writes the config; here by hand).
     (out / ".hydra").mkdir()
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
-    evaluated = evaluate(compose_eval([f"run_dir={out}"], tmp_path / "eval"), [f"run_dir={out}"])
+    overrides = [f"run_dir={out}", STUB_REWARD]
+    evaluated = evaluate(compose_eval(overrides, tmp_path / "eval"), overrides)
     assert "preempted.ckpt" in (tmp_path / "eval" / "results.md").read_text()
     assert 0 <= evaluated.metrics["val/avg"] <= 1
 

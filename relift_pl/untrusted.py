@@ -1,0 +1,197 @@
+"""Reading files that may come from someone else: checkpoint folders and a run folder's config.
+
+Unpickling can run any code, and so can building a config's ``_target_``. So:
+
+- a checkpoint's own metadata (Lightning's ``meta.pt``) is read weights-only: tensors and plain
+  Python types (torch's allow-list);
+- torch's distributed-checkpoint metadata (``.metadata``, a plain pickle that torch itself
+  unpickles) is first read through an allow-list of torch's checkpoint record classes;
+- a saved config builds only classes of relift-pl, torch (``torch.optim``, ``torch.nn``) and
+  Lightning, and the functions the project's own configs name (row and model builders).
+
+Each refusal is a one-line :class:`UnsafeFileError` naming the file (or the config key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import pickle
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from relift_pl.config import ConfigError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TRUST_NOTE = "relift-pl loads only what cannot run code; see README, Untrusted files"
+
+
+class UnsafeFileError(ConfigError):
+    """A file (or a saved config's key) that loading could turn into running code."""
+
+
+def _refused(path: str | Path, what: str) -> UnsafeFileError:
+    return UnsafeFileError(
+        f"{path} pickles {what}, which could run code when loaded: refused. Use a checkpoint this "
+        f"project wrote ({TRUST_NOTE})"
+    )
+
+
+def load_weights_only(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)``, refusing anything else in one line.
+
+    Raises:
+        UnsafeFileError: the file pickles an object other than tensors and plain types.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise  # a truncated or corrupted file: the caller says so
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"the global {found.group(1)}" if found else "objects other than tensors and plain types"
+        raise _refused(path, what) from None
+
+
+# torch's distributed-checkpoint metadata pickles these besides its own record classes.
+_TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
+_ALLOWED_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a layout by name, as torch's weights-only loader allows
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A global outside the allow-list (a truncated file raises the plain UnpicklingError)."""
+
+
+class _CheckpointMetadataUnpickler(pickle.Unpickler):
+    """Resolves only torch's checkpoint records (dataclasses and enums of
+    ``torch.distributed.checkpoint``), torch dtypes / layouts / memory formats and the globals
+    in :data:`_ALLOWED_GLOBALS` (the "Restricting Globals" recipe of the pickle docs)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint."):
+            found = super().find_class(module, name)
+            record = isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum))
+            if record and found.__module__.startswith("torch.distributed.checkpoint."):
+                return found
+        elif module == "torch" and isinstance(getattr(torch, name, None), _TORCH_VALUES):
+            return getattr(torch, name)
+        elif (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise _RefusedGlobal(f"the global {module}.{name}")
+
+
+def check_distributed_checkpoint_metadata(folder: str | Path) -> None:
+    """Reads ``<folder>/.metadata`` through the allow-list before torch unpickles it.
+
+    Raises:
+        UnsafeFileError: it names a global outside the allow-list.
+    """
+    path = Path(folder) / ".metadata"
+    try:
+        with open(path, "rb") as handle:
+            _CheckpointMetadataUnpickler(handle).load()
+    except _RefusedGlobal as err:
+        raise _refused(path, str(err)) from None
+
+
+# A saved config may build classes from these packages (Lightning's trainer parts, not its CLI,
+# which builds whatever its own arguments name).
+ALLOWED_CLASS_PACKAGES = (
+    "relift_pl.", "callbacks.", "torch.optim.", "torch.nn.",
+    *(f"lightning.pytorch.{part}." for part in (
+        "trainer", "strategies", "loggers", "callbacks", "plugins", "accelerators", "profilers",
+    )),
+    "lightning.fabric.plugins.", "lightning.fabric.accelerators.",
+)  # fmt: skip
+_IMPORTABLE_ROOTS = ("relift_pl", "callbacks", "torch", "lightning")
+_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+
+
+@functools.cache
+def project_targets(conf_dir: Path = CONF) -> frozenset[str]:
+    """Every ``_target_`` the project's own configs (``conf/**/*.yaml``) name."""
+    found = set()
+    for path in conf_dir.rglob("*.yaml"):
+        found |= {target for _, target in _targets(OmegaConf.load(path), "")}
+    return frozenset(found)
+
+
+def _targets(node: Any, key: str):
+    """(key of the node, its ``_target_`` value) for every node that has one, raw (unresolved)."""
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield key, node._get_node("_target_")._value()
+        for child in node:
+            yield from _targets(node._get_node(child), f"{key}.{child}" if key else str(child))
+    elif isinstance(node, ListConfig):
+        for index in range(len(node)):
+            yield from _targets(node._get_node(index), f"{key}.{index}")
+
+
+def _why_refused(target: Any) -> str | None:
+    """Why a saved config's ``_target_`` may not be built (None when it may)."""
+    if not isinstance(target, str) or not _DOTTED_NAME.fullmatch(target):
+        return "is not a plain dotted name"
+    if target in project_targets():
+        return None
+    if target.split(".", 1)[0] not in _IMPORTABLE_ROOTS:  # never import an unknown module
+        return "is outside relift-pl, torch and Lightning"
+    try:
+        found = get_object(target)
+    except Exception:  # noqa: BLE001 -- any failure to resolve is a refusal
+        return "does not resolve"
+    if not isinstance(found, type):
+        return "is a function the project's configs do not name"
+    if not f"{found.__module__}.".startswith(ALLOWED_CLASS_PACKAGES):
+        return f"is the class {found.__module__}.{found.__qualname__}, outside the allowed packages"
+    return None
+
+
+def check_saved_config(cfg: DictConfig, source: str | Path, trusted_keys: Iterable[str] = ()) -> None:
+    """Refuses a config read from ``source`` whose ``_target_``s name anything but classes in
+    :data:`ALLOWED_CLASS_PACKAGES` or targets the project's configs name, or that turns on
+    ``model.trust_remote_code`` (Python files in the model folder) without this job saying so.
+
+    Args:
+        cfg: the loaded config, unresolved.
+        source: the file it came from (named in the error).
+        trusted_keys: keys this job sets itself (its command line): not read from the file.
+
+    Raises:
+        UnsafeFileError: one line naming the key.
+    """
+    trusted = tuple(trusted_keys)
+    for key, target in _targets(cfg, ""):
+        why = _why_refused(target)
+        name = f"{key}._target_" if key else "_target_"
+        if why is not None and not _set_by(name, trusted):
+            raise UnsafeFileError(
+                f"{source}: {name}={target!r} {why}; building it could run "
+                f"any code, so it is refused. Fix that key in the file if you trust it ({TRUST_NOTE})"
+            )
+    remote_code = OmegaConf.select(cfg, "model.trust_remote_code", default=False)
+    if remote_code is not False and not _set_by("model.trust_remote_code", trusted):
+        raise UnsafeFileError(
+            f"{source}: model.trust_remote_code={remote_code} would run Python files from the model "
+            "folder; pass model.trust_remote_code=true on the command line if you trust them"
+        )
+
+
+def _set_by(key: str, trusted: tuple[str, ...]) -> bool:
+    """Whether ``key`` is one of ``trusted`` or inside one."""
+    return any(key == t or key.startswith(f"{t}.") for t in trusted)

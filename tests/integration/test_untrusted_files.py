@@ -1,0 +1,161 @@
+"""Checkpoint folders and run folders from elsewhere: nothing they pickle or name gets to run.
+
+Each crafted file would create a marker file if it ran; the tests check that it is refused, in
+one line naming the file (or key), and that the marker does not exist.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
+from test_evaluate import compose_eval
+
+from conftest import compose_cfg
+from relift_pl.checkpoint import check_checkpoint_file, resolve_ckpt_path
+from relift_pl.evaluate import load_checkpoint_weights, run_config
+
+
+class CreatesFile:
+    """Unpickling it creates ``path``: a stand-in for any code a pickle can run."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def sharded_checkpoint(folder, meta: dict | None = None):
+    """A real FSDP2-style checkpoint folder: torch's distributed checkpoint plus Lightning's meta.pt."""
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore")
+        dcp.save({"state_dict": {"w": torch.zeros(2, 3)}}, checkpoint_id=str(folder), no_dist=True)
+    torch.save(meta or {"global_step": 3, "relift": {"step_count": 3}}, folder / "meta.pt")
+    return folder
+
+
+def refusal(call) -> str:
+    with pytest.raises(ValueError) as err:
+        call()
+    message = str(err.value)
+    assert "\n" not in message and "refused" in message
+    return message
+
+
+def test_a_folder_this_project_writes_passes(tmp_path):
+    folder = sharded_checkpoint(tmp_path / "last.ckpt")
+    assert check_checkpoint_file(folder) == folder
+
+
+@pytest.mark.parametrize("how", ["train.py ckpt_path=", "evaluate.py ckpt_path="])
+def test_a_crafted_meta_pt_is_refused_without_running(tmp_path, how):
+    marker = tmp_path / "ran"
+    folder = sharded_checkpoint(tmp_path / "last.ckpt", {"relift": CreatesFile(marker)})
+    if how.startswith("train"):
+        message = refusal(lambda: resolve_ckpt_path(str(folder), tmp_path))
+    else:  # refused before the module is touched
+        message = refusal(lambda: load_checkpoint_weights(None, str(folder)))
+    assert not marker.exists()
+    assert message.startswith(f"{folder / 'meta.pt'} pickles the global ")
+
+
+def test_a_crafted_distributed_checkpoint_metadata_is_refused_without_running(tmp_path):
+    marker = tmp_path / "ran"
+    folder = sharded_checkpoint(tmp_path / "last.ckpt")
+    (folder / ".metadata").write_bytes(pickle.dumps(CreatesFile(marker)))
+    message = refusal(lambda: check_checkpoint_file(folder))
+    assert not marker.exists()
+    assert message.startswith(f"{folder / '.metadata'} pickles the global ")
+
+
+def test_a_truncated_metadata_is_still_called_incomplete(tmp_path):
+    folder = sharded_checkpoint(tmp_path / "last.ckpt")
+    (folder / ".metadata").write_bytes((folder / ".metadata").read_bytes()[:40])
+    with pytest.raises(ValueError, match="is incomplete or corrupted"):
+        check_checkpoint_file(folder)
+
+
+def saved_run(tmp_path, **keys):
+    """A run folder whose .hydra/config.yaml is the default config with ``keys`` set."""
+    cfg = compose_cfg([], output_dir=tmp_path)
+    for key, value in keys.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    (tmp_path / ".hydra").mkdir(parents=True)
+    (tmp_path / "final_model").mkdir()  # what evaluate.py would score
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    return tmp_path
+
+
+def run_config_of(run, *overrides):
+    overrides = [f"run_dir={run}", *overrides]
+    return run_config(compose_eval(overrides, run / "eval"), overrides)
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("shutil.copy", "is outside relift-pl, torch and Lightning"),
+        ("builtins.exec", "is outside relift-pl, torch and Lightning"),
+        ("relift_pl.export.shutil.copy", "is a function the project's configs do not name"),
+        ("torch.load", "is a function the project's configs do not name"),
+        (
+            "lightning.pytorch.cli.LightningCLI",
+            "is the class lightning.pytorch.cli.LightningCLI, outside the allowed packages",
+        ),
+        ("${oc.env:HOME}", "is not a plain dotted name"),
+    ],
+)
+def test_a_run_folder_config_builds_only_allowed_classes(tmp_path, target, why):
+    marker = tmp_path / "ran"
+    evil = {"_target_": target, "src": __file__, "dst": str(marker)}
+    run = saved_run(tmp_path, **{"callbacks.evil": evil})
+    message = refusal(lambda: run_config_of(run))
+    assert message == (
+        f"{run / '.hydra' / 'config.yaml'}: callbacks.evil._target_={target!r} {why}; building it "
+        "could run any code, so it is refused. Fix that key in the file if you trust it "
+        "(relift-pl loads only what cannot run code; see README, Untrusted files)"
+    )
+    assert not marker.exists()
+
+
+def test_a_run_folder_may_name_torch_and_lightning_classes_and_the_command_line_anything(tmp_path):
+    run = saved_run(tmp_path, **{
+        "algorithm.rl_optimizer._target_": "torch.optim.SGD",  # not in the project's configs
+        "callbacks.timer": {"_target_": "lightning.pytorch.callbacks.Timer"},
+        "reward._target_": "stub_rewards.HashReward",  # a test class: not from the file...
+    })  # fmt: skip
+    with pytest.raises(ValueError, match=r"reward\._target_='stub_rewards\.HashReward'"):
+        run_config_of(run)
+    # ...but this job's own command line says so.
+    assert run_config_of(run, "reward._target_=stub_rewards.HashReward").callbacks.timer
+
+
+def test_a_run_folder_cannot_turn_on_remote_code(tmp_path):
+    run = saved_run(tmp_path, **{"model.trust_remote_code": True})
+    message = str(pytest.raises(ValueError, run_config_of, run).value)
+    assert "model.trust_remote_code=True would run Python files" in message
+    assert run_config_of(run, "model.trust_remote_code=true").model.trust_remote_code is True
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_the_scripts_refuse_crafted_folders_in_one_line(tmp_path, script):
+    from test_cli import run
+
+    marker = tmp_path / "ran"
+    if script == "train.py":  # resuming from a downloaded checkpoint folder
+        folder = sharded_checkpoint(tmp_path / "last.ckpt", {"relift": CreatesFile(marker)})
+        done = run(script, f"ckpt_path={folder}", f"hydra.run.dir={tmp_path / 'out'}")
+        expected = f"Error: {folder / 'meta.pt'} pickles the global "
+    else:  # scoring a downloaded run folder
+        evil = {"_target_": "shutil.copy", "src": __file__, "dst": str(marker)}
+        run_dir = saved_run(tmp_path / "run", **{"callbacks.evil": evil})
+        done = run(script, f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'out'}")
+        expected = f"Error: {run_dir / '.hydra' / 'config.yaml'}: callbacks.evil._target_='shutil.copy'"
+    assert not marker.exists()
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].startswith(expected)
