@@ -23,6 +23,7 @@ from typing import Any
 
 from datasets import load_dataset, load_from_disk
 
+from relift_pl.data.row_checks import warn_about_rows
 from relift_pl.rewards.extract import GRADING_MODES, THINK_CLOSE, last_boxed, split_think
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,9 @@ def get_field(record: Mapping[str, Any], spec: str) -> Any:
     return value
 
 
-def _problem_with_row(row: dict[str, Any], columns: Mapping[str, str | None]) -> str | None:
+def _problem_with_row(
+    row: dict[str, Any], columns: Mapping[str, str | None], max_answer_chars: int
+) -> str | None:
     """Why a mapped row is unusable (None when it is fine)."""
     for field in ("problem", "answer", "demonstration"):
         source = columns.get(field)
@@ -150,6 +153,19 @@ def _problem_with_row(row: dict[str, Any], columns: Mapping[str, str | None]) ->
             return f"has {type(value).__name__} in '{source}' ({field}), expected a string"
         if not value.strip():
             return f"has an empty '{source}' ({field})"
+        try:  # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer takes
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return (
+                f"has a lone surrogate ({value[err.start]!r}) at character {err.start} of "
+                f"'{source}' ({field}), which is not text"
+            )
+    if columns.get("answer") and len(row["answer"]) > max_answer_chars:
+        # Every rollout's grading would run into the grader's timeout (benchmark golds: <= 210).
+        return (
+            f"has a {len(row['answer']):,}-character '{columns['answer']}' (answer), longer than "
+            f"max_answer_chars={max_answer_chars}"
+        )
     if columns.get("demonstration") and not _FINAL_ANSWER.search(row["demonstration"]):
         return "has a demonstration with no final \\boxed{} answer"
     return None
@@ -175,6 +191,7 @@ def load_rows(
     keep: Sequence[str] = (),
     grading: str | None = None,
     on_bad_row: str = "error",
+    max_answer_chars: int = 1000,
 ) -> LoadedRows:
     """Loads rows, maps columns to the common schema, checks them.
 
@@ -195,6 +212,11 @@ def load_rows(
         grading: ``math``, ``choice`` or ``auto``: how evaluation grades this set's answers
             (stored on each row); None leaves it to the reward's own ``mode``.
         on_bad_row: ``error`` (stop at the first malformed row) or ``skip`` (drop and count it).
+        max_answer_chars: longest gold answer kept; a longer one is a malformed row.
+
+    Loaded rows are also checked for golds the grader cannot read and for problems that repeat
+    under another id: each is counted in a warning naming the first few ids
+    (:mod:`relift_pl.data.row_checks`).
 
     Returns:
         The usable rows, as a :class:`LoadedRows` list that also records skipped rows.
@@ -216,7 +238,7 @@ def load_rows(
         if limit is not None and len(rows) >= limit:
             break
         row = {field: get_field(record, source) for field, source in columns.items() if source}
-        problem = _problem_with_row(row, columns)
+        problem = _problem_with_row(row, columns, max_answer_chars)
         if problem is None and columns.get("demonstration"):
             row["demonstration"] = demo_template.format(**row)
             problem = _response_format_problem(row["demonstration"])
@@ -242,4 +264,5 @@ def load_rows(
         rows.append(row)
     if skipped:
         log.warning("%s: skipped %d malformed rows: %s", path, sum(skipped.values()), dict(skipped))
+    warn_about_rows(rows, path, grading)
     return LoadedRows(rows, path, skipped)

@@ -20,6 +20,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,6 +78,24 @@ def _grade(gold: str, pred: str, timeout: int | None, events: _LibraryEvents) ->
     except Exception:  # MemoryError included; the library already swallows most errors
         return 0.0, FAILURE
     return (1.0, OK) if correct else (0.0, events.status)
+
+
+_PLAIN_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?")
+
+
+def gold_is_readable(gold: str, timeout: int = 5) -> bool:
+    """Whether math-verify reads ``gold`` (normalised as grading does) as math rather than only
+    as a string, which just its exact copy would match. Bounded by ``timeout`` seconds on the
+    main thread (math-verify's alarm); elsewhere unbounded, so pass only short golds."""
+    gold = extract.normalize_gold(gold)
+    if _PLAIN_NUMBER.fullmatch(gold):  # most golds; parsing one takes ~1 ms
+        return True
+    on_main = threading.current_thread() is threading.main_thread()
+    try:
+        parsed = parse(f"${gold}$", parsing_timeout=timeout if on_main else None)
+    except Exception:  # noqa: BLE001 -- a gold the parser chokes on is not readable
+        return False
+    return any(not isinstance(value, str) for value in parsed)
 
 
 def _limit_memory(headroom_mb: int) -> None:

@@ -32,6 +32,18 @@ BAD_ROWS = [
     pytest.param({**GOOD, "id": "x", "problem": ["a"]}, "has list in 'problem'", id="non-string-problem"),
     pytest.param({**GOOD, "id": "x", "solution": "so it is 2."}, "no final \\boxed{} answer", id="demo-without-answer"),
     pytest.param({**GOOD, "id": "x", "solution": None}, "has no 'solution'", id="missing-demo"),
+    # JSON's "\ud800" escape: a lone surrogate, which the tokenizer refused with a bare TypeError.
+    pytest.param(
+        {**GOOD, "id": "x", "problem": "1+\ud800?"},
+        "has a lone surrogate ('\\ud800') at character 2 of 'problem' (problem), which is not text",
+        id="lone-surrogate",
+    ),
+    # Every rollout of it timed out in grading (16.8 s per group of 8).
+    pytest.param(
+        {**GOOD, "id": "x", "answer": "1" * 1_000_000},
+        "has a 1,000,000-character 'answer' (answer), longer than max_answer_chars=1000",
+        id="megabyte-answer",
+    ),
 ]
 
 
@@ -170,3 +182,26 @@ def test_folder_of_data_files_loads_like_load_dataset(tmp_path):
     rows = load_rows(str(folder), **WITH_DEMOS)
     assert [r["id"] for r in rows] == ["a", "b"]
     assert rows[1]["problem"] == "2+2"
+
+
+def test_golds_the_grader_cannot_read_are_counted_with_their_ids(tmp_path, caplog):
+    unreadable = [r"\text{(E)},", r"\ldots", r"\text{ }"]  # math-verify reads no math in these
+    rows = [{"id": f"u{i}", "problem": f"p{i}", "answer": a} for i, a in enumerate(unreadable)]
+    rows += [{"id": "ok", "problem": "q", "answer": r"\frac{1}{2}"}, {"id": "n", "problem": "r", "answer": "7"}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with caplog.at_level("WARNING"):
+        assert len(load_rows(str(path), grading="math")) == 5  # kept: a warning, not an error
+        load_rows(str(path), grading="choice")  # letters are not parsed
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"{path}: 3 of 5 gold answers cannot be read by math-verify")
+    assert message.endswith(": u0, u1, u2")
+
+
+def test_a_problem_repeated_under_another_id_is_counted(tmp_path, caplog):
+    rows = [GOOD] + [{**GOOD, "id": f"copy{i}", "problem": " 1+1? " if i % 2 else "1+1?"} for i in range(7)]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with caplog.at_level("WARNING"):
+        assert len(load_rows(str(path))) == 8
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"{path}: 7 of 8 problems repeat an earlier row's under another id")
+    assert message.endswith(": copy0 (= ok), copy1 (= ok), copy2 (= ok), copy3 (= ok), copy4 (= ok), ...")
