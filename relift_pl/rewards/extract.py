@@ -109,6 +109,22 @@ def _plain_subscript(match: re.Match) -> str:
     return match.group(0) if name in _GREEK else f"_{{{name}}}"
 
 
+_THOUSANDS = re.compile(r"(?<=\d),\\!(?=\d{3}(?!\d))")
+
+
+def _strip_dollars(answer: str) -> str:
+    """``answer`` without whitespace and the ``$`` pairs around it (by index: linear time)."""
+    start, end = 0, len(answer)
+    while True:
+        while start < end and answer[start].isspace():
+            start += 1
+        while end > start and answer[end - 1].isspace():
+            end -= 1
+        if end - start < 2 or answer[start] != "$" or answer[end - 1] != "$":
+            return answer[start:end]
+        start, end = start + 1, end - 1
+
+
 def normalize_answer(answer: str) -> str:
     """Strips whitespace and surrounding ``$``, and rewrites what math-verify's parser misreads.
 
@@ -120,12 +136,13 @@ def normalize_answer(answer: str) -> str:
       Euler's number and gives up on ``E_1`` (``\\mathrm`` would not do: math-verify cuts
       ``\\mathrm{...}`` as text).
     - ``t(0,4]`` (a letter, then an interval with mixed brackets) becomes ``t\\in(0,4]``.
+    - A thousands separator ``,\\!`` between digits goes: the parser gives up on
+      ``\\dfrac{1}{20,\\!000}`` (MATH writes numbers so).
 
     Golds and predictions both go through it, so the rewritten forms still match each other.
     """
-    answer = answer.strip()
-    while len(answer) >= 2 and answer[0] == "$" and answer[-1] == "$":
-        answer = answer[1:-1].strip()
+    answer = _strip_dollars(answer)
+    answer = _THOUSANDS.sub("", answer)
     sci = _SCIENTIFIC.fullmatch(answer)
     if sci:
         return f"{sci.group(1)}\\times10^{{{sci.group(2)}}}"
@@ -192,11 +209,20 @@ def _python_to_latex(text: str) -> str:
     return _PY_FLOAT.sub("", text)
 
 
+# A dollar sign that is not an escaped \$ (money, MATH-500's "\$18.90").
+_MATH_DELIMITER = re.compile(r"(?<!\\)\$")
+
+
 def normalize_gold(gold: str) -> str:
     """:func:`normalize_answer` for a benchmark's gold, which may be written in Python
     (``-1./3``, ``np.arcsin(10/13)``, ``x**2``), as ``t(0,4]`` for "t in (0,4]", or as an
     equation with a derivative on the left (``\\frac{dM}{dt}=...``: only its right side is kept,
-    which an answer that repeats the left side still matches)."""
+    which an answer that repeats the left side still matches).
+
+    Math delimiters inside a gold and a final period are dropped: the parser reads only the first
+    piece of ``$221,$8$`` or ``x\\cos t+$ $y``, and ``$(-\\infty,0)\\cup\\{1\\}$.`` is no
+    formula."""
+    gold = _MATH_DELIMITER.sub(" ", gold.strip().removesuffix(".")).strip()
     gold = _python_to_latex(normalize_answer(gold))
     if derivative := _DERIVATIVE_LHS.match(gold):
         gold = gold[derivative.end() :].strip()

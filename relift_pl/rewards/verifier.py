@@ -249,7 +249,7 @@ class MathVerifyReward:
             if self.require_think_close:
                 return 0.0, None
             answer = response
-        gold = extract.normalize_gold(gold)
+        raw_gold, gold = gold, extract.normalize_gold(gold)
         if mode == "auto":
             mode = "choice" if len(gold) == 1 and gold in "ABCDE" else "math"
         if mode == "choice":
@@ -263,7 +263,9 @@ class MathVerifyReward:
             pred_int, gold_int = extract.integer_literal(boxed), extract.integer_literal(gold)
             return float(pred_int is not None and pred_int == gold_int), None
         pred = extract.normalize_answer(boxed)
-        if pred == gold:  # exactness shortcut: math-verify would say 1 too, without a round trip
+        # Exactness shortcut: the gold itself, as the grader reads it or as it is written (a
+        # Python-notation gold such as -1./3 is only rewritten on the gold's side).
+        if pred in (gold, extract.normalize_answer(raw_gold)):
             return 1.0, None
         return 0.0, (gold, pred)
 

@@ -101,6 +101,9 @@ def test_extract_choice_letter(text, letters, expected):
         (r"\rho_{\alpha}", r"\rho_{\alpha}"),  # Greek subscripts parse: left alone
         ("E_1+e_{2}", r"\mathsf{E}_1+\mathsf{e}_{2}"),
         (r"E+\Eta_1+BE_1", r"E+\Eta_1+BE_1"),  # no subscript, a command, inside a word
+        (r"\dfrac{1}{29,\!322,\!216}", r"\dfrac{1}{29322216}"),  # MATH's thousands separator
+        (r"1,\!0000", r"1,\!0000"),  # not a thousands separator
+        ("$ $ x $ $", "x"),
     ],
 )
 def test_normalize_answer(answer, expected):
@@ -154,6 +157,8 @@ HOSTILE_ANSWERS = {
     "subscript command": "_{\\" + "a" * 100_000,
     "e subscript": "E" + " " * 100_000,
     "scientific": "1" * 100_000 + "e",
+    "dollar pairs": "$" * 100_000,
+    "spaced dollar pairs": "$ " * 50_000,
 }
 
 
