@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from relift_pl.config import ConfigError
 from relift_pl.data.sampler import StepBatchSampler
 from relift_pl.data.templates import prompt_text, resolve_chat_template, response_text
+from relift_pl.data.token_ids import prompt_token_ids, text_ids
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +94,16 @@ class ReLIFTDataModule(L.LightningDataModule):
         self.counts: dict[str, int] = {}
 
     # -- building rows ------------------------------------------------------------------------
-    def _ids(self, texts: list[str]) -> list[list[int]]:
-        # One batched call: the fast tokenizers parallelise over texts. verbose=False: rows longer
-        # than max_prompt/demo_length are dropped and counted below, so the tokenizer's own
-        # "longer than the specified maximum sequence length" warning is noise.
-        if not texts:
-            return []
-        return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-
     def _tokenize(self, rows: list[dict[str, Any]], system_prompt: str | None, with_demos: bool):
-        """Adds ``prompt_ids`` (and ``demo_ids``); returns (rows, counts of what was dropped)."""
+        """Adds ``prompt_ids`` (and ``demo_ids``); returns (rows, counts of what was dropped).
+        Problems and demonstrations are read as text: only the chat template adds special tokens
+        (:mod:`relift_pl.data.token_ids`)."""
         counts = {"prompts_too_long": 0, "demos_overlong": 0}
-        prompts = [prompt_text(self.tokenizer, r["problem"], system_prompt, self.template) for r in rows]
+        problems = [r["problem"] for r in rows]
+        prompts = [prompt_text(self.tokenizer, p, system_prompt, self.template) for p in problems]
+        prompt_ids = prompt_token_ids(self.tokenizer, problems, system_prompt, self.template, prompts)
         out, kept_prompts = [], []
-        for row, prompt, ids in zip(rows, prompts, self._ids(prompts), strict=True):
+        for row, prompt, ids in zip(rows, prompts, prompt_ids, strict=True):
             if len(ids) > self.max_prompt_length:
                 counts["prompts_too_long"] += 1
                 continue
@@ -117,7 +114,7 @@ class ReLIFTDataModule(L.LightningDataModule):
         has_demo = [i for i, row in enumerate(out) if row.get("demonstration")]
         responses = [response_text(kept_prompts[i], out[i]["demonstration"]) for i in has_demo]
         eos = [self.tokenizer.eos_token_id]  # appended: SFT teaches the model to stop
-        for i, ids in zip(has_demo, self._ids(responses), strict=True):
+        for i, ids in zip(has_demo, text_ids(self.tokenizer, responses), strict=True):
             demo = ids + eos
             if len(demo) > self.max_demo_length:
                 counts["demos_overlong"] += 1

@@ -114,14 +114,6 @@ def prompt_text(
     return _render(tokenizer, messages, template)
 
 
-def prompt_ids(
-    tokenizer, problem: str, system_prompt: str | None = None, template: str | None = None
-) -> list[int]:
-    """Token ids of :func:`prompt_text` (the template already holds any special tokens)."""
-    text = prompt_text(tokenizer, problem, system_prompt, template)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def response_text(prompt: str, demonstration: str) -> str:
     """The demonstration as a continuation of ``prompt``.
 
