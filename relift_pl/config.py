@@ -96,6 +96,14 @@ class AlgorithmConfig:
     """A second, separate partial optimizer for SFT steps (own moments, lr, weight decay)."""
 
     @property
+    def demonstration_settings(self) -> list[str]:
+        """The ``algorithm.<key>=<value>`` settings that make steps learn from demonstrations
+        (none for GRPO)."""
+        on = {"sft_enabled": self.sft_enabled, "sft_warmup_steps": self.sft_warmup_steps,
+              "sft_loss_coef": self.sft_loss_coef, "mix_demos": self.mix_demos}  # fmt: skip
+        return [f"algorithm.{key}={str(value).lower()}" for key, value in on.items() if value]
+
+    @property
     def uses_sft_optimizer(self) -> bool:
         """Whether a separate SFT optimizer is needed (buffered SFT steps or an SFT warm-up)."""
         return self.sft_enabled or self.sft_warmup_steps > 0

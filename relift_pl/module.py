@@ -158,6 +158,9 @@ class ReLIFTModule(L.LightningModule):
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if stage == "fit" and hasattr(datamodule, "check_demonstrations"):  # its rows are loaded
+            datamodule.check_demonstrations(self.algo.demonstration_settings)
         world, rank = world_size_and_rank()
         if self.algo.sft_enabled and self.algo.buffer_threshold % world:
             raise ValueError(

@@ -17,6 +17,8 @@ from relift_pl.data.token_ids import prompt_token_ids, text_ids
 log = logging.getLogger(__name__)
 
 RowsFactory = Callable[[], list[dict[str, Any]]]
+DROPPED_DEMOS_WARNING = 0.5
+"""Share of demonstrations dropped as too long above which the run warns."""
 
 
 def check_data_settings(
@@ -160,6 +162,39 @@ class ReLIFTDataModule(L.LightningDataModule):
             if dropped:
                 self.counts[f"eval/{name}/dropped"] = dropped
                 log.warning("eval set %s: %d problems dropped (malformed or prompt too long)", name, dropped)
+
+    def check_demonstrations(self, needed_by: list[str]) -> None:
+        """Refuses a run whose algorithm learns from demonstrations (``needed_by``: the settings
+        that make it) when filtering left none; warns when it dropped a large share.
+
+        Raises:
+            ConfigError: one line naming the keys.
+        """
+        if not needed_by or not self.train_rows:
+            return
+        available = self.demos_available
+        dropped = self.counts.get("demos_overlong", 0) if self.overlong_demos == "drop" else 0
+        needs = f"{' and '.join(needed_by)} needs demonstrations"
+        too_long = (
+            f"longer than data.max_demo_length={self.max_demo_length} tokens (the toy worlds tie "
+            "it to rollout.sampling.max_new_tokens)"
+        )
+        if available == 0 and dropped:
+            raise ConfigError(
+                f"{needs}, but all {dropped} are {too_long} and data.overlong_demos=drop dropped them: "
+                "raise data.max_demo_length or set data.overlong_demos=truncate"
+            )
+        if available == 0:
+            raise ConfigError(
+                f"{needs}, but none of the {len(self.train_rows)} training rows has one: name the "
+                "column with data.train_rows.columns.demonstration, or use algorithm=grpo"
+            )
+        if dropped >= DROPPED_DEMOS_WARNING * (available + dropped):
+            log.warning(
+                "data: %d of %d demonstrations are %s and were dropped (data.overlong_demos=drop); "
+                "%s learns from the other %d", dropped, available + dropped, too_long,
+                " and ".join(needed_by), available,
+            )  # fmt: skip
 
     @property
     def demos_available(self) -> int:

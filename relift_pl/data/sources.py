@@ -23,6 +23,7 @@ from typing import Any
 
 from datasets import load_dataset, load_from_disk
 
+from relift_pl.config import ConfigError
 from relift_pl.data.row_checks import warn_about_rows
 from relift_pl.rewards.extract import GRADING_MODES, THINK_CLOSE, last_boxed, split_think
 
@@ -40,8 +41,9 @@ _FINAL_ANSWER = re.compile(r"\\(?:boxed|fbox)\s*(?:\{|[^\s{])")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-class BadRowError(ValueError):
-    """A row that cannot be used; the message names the file, the row and the fix."""
+class BadRowError(ConfigError):
+    """A row that cannot be used; the message names the file, the row and the fix (one line:
+    train.py / evaluate.py print it as they print config errors)."""
 
 
 class LoadedRows(list):

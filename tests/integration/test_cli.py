@@ -3,6 +3,7 @@ one-line config errors, the run directory, plain progress lines, quiet output, r
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,3 +85,28 @@ def test_run_dir_progress_lines_quiet_output_and_resume_names(tmp_path):
     assert names == ["last.ckpt", "step-000002.ckpt", "step-000004.ckpt"]
     for done in (first, second):
         assert not [noise for noise in NOISE if noise in done.stderr + done.stdout], done.stderr
+
+
+def test_a_bad_data_row_is_one_line_without_traceback(tmp_path):
+    path = tmp_path / "train.jsonl"
+    good = {"id": "a", "problem": "1+1?", "answer": "2", "solution": "\\boxed{2}"}
+    rows = [good, {**good, "id": "b", "problem": "x\ud800"}]  # JSON's escape for a lone surrogate
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = run("train.py", *QUICK_TOY, "data=math_train", f"data.train_rows.path={path}", "~data.eval_sets",
+               f"hydra.run.dir={tmp_path / 'out'}")  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"Error: {path}: row 1 (counting from 0) has a lone surrogate ('\\ud800') at character 1 of "
+        "'problem' (problem), which is not text. Fix or remove the row, or set on_bad_row=skip on "
+        "this source to drop and count such rows."
+    )
+
+
+def test_an_algorithm_left_without_demonstrations_stops_in_one_line(tmp_path):
+    # Every toy demonstration is longer than 4 tokens: the SFT loss would have nothing to learn.
+    done = run("train.py", *QUICK_TOY, "algorithm=rl_with_sft_loss", "data.max_demo_length=4",
+               "max_steps=1", f"hydra.run.dir={tmp_path}")  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("Error: algorithm.sft_loss_coef=1.0 needs demonstrations, but all ")
+    assert " are longer than data.max_demo_length=4 tokens " in last
