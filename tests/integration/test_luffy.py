@@ -13,6 +13,7 @@ import torch
 import relift_pl.module as module_lib
 from conftest import compose_cfg
 from relift_pl.algorithms import group_advantages
+from relift_pl.data import ReLIFTDataModule
 from tests_helpers import fit_with_callbacks
 from toy_overrides import QUIET_TOY
 
@@ -126,9 +127,11 @@ def test_a_wrong_demonstration_is_not_rewarded(tmp_path):
     assert steps.metrics[0]["luffy/demo_reward_mean"] == 0.0
 
 
-def test_without_demonstrations_luffy_is_grpo(tmp_path):
+def test_without_demonstrations_luffy_is_grpo(tmp_path, monkeypatch):
     # Demonstrations longer than 5 tokens are dropped by the data (all of the toy's): every group
-    # keeps its G samples, and the update is GRPO's, bit for bit.
+    # keeps its G samples, and the update is GRPO's, bit for bit. (Setup refuses such a run,
+    # test_demonstration_check.py; the update must still be GRPO's.)
+    monkeypatch.setattr(ReLIFTDataModule, "check_demonstrations", lambda self, needed_by: None)
     common = ["max_steps=2", "data.max_demo_length=5"]
     luffy, steps = _run(tmp_path / "luffy", *common)
     grpo, _ = _run(tmp_path / "grpo", *common, "algorithm=grpo")

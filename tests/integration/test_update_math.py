@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
+from relift_pl.data import ReLIFTDataModule
 from tests_helpers import fit_with_callbacks
 from toy_overrides import QUIET_TOY
 
@@ -116,9 +117,11 @@ def test_a_skipped_sft_step_uses_no_demonstrations(tmp_path):
     assert len(module.demos_used) == 4  # the second SFT step's rows only
 
 
-def test_an_sft_step_without_rows_is_skipped_not_a_crash(tmp_path):
+def test_an_sft_step_without_rows_is_skipped_not_a_crash(tmp_path, monkeypatch):
     # Every demonstration is longer than 1 token, so none is kept: the warm-up has nothing to
-    # train on (pad_plan indexed an empty plan).
+    # train on (pad_plan indexed an empty plan). Setup refuses such a run
+    # (test_demonstration_check.py); the step must cope all the same.
+    monkeypatch.setattr(ReLIFTDataModule, "check_demonstrations", lambda self, needed_by: None)
     module, _ = _run(tmp_path, "algorithm=sft_then_rl", "algorithm.sft_warmup_steps=1",
                      "max_steps=2", "data.max_demo_length=1")
     assert (module.rl_step, module.sft_step) == (1, 0)
