@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
@@ -53,10 +52,7 @@ def load_checkpoint_weights(module: ReLIFTModule, ckpt_path: str) -> None:
         ValueError: weights that do not fit the model.
     """
     path = check_checkpoint_file(ckpt_path)
-    if path.is_dir():
-        checkpoint = _load_sharded_weights(module, path)
-    else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = _load_sharded_weights(module, path) if path.is_dir() else load_weights_only(path)
     try:
         module.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as err:

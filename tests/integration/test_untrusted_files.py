@@ -64,6 +64,13 @@ def test_a_crafted_meta_pt_is_refused_without_running(tmp_path, how):
     assert message.startswith(f"{folder / 'meta.pt'} pickles the global ")
 
 
+def test_a_crafted_single_file_checkpoint_is_refused_in_one_line(tmp_path):
+    marker, path = tmp_path / "ran", tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "relift": CreatesFile(marker)}, path)
+    message = refusal(lambda: load_checkpoint_weights(None, str(path)))
+    assert not marker.exists() and message.startswith(f"{path} pickles the global ")
+
+
 def test_a_crafted_distributed_checkpoint_metadata_is_refused_without_running(tmp_path):
     marker = tmp_path / "ran"
     folder = sharded_checkpoint(tmp_path / "last.ckpt")
