@@ -103,3 +103,53 @@ def pad_plan(plan: list[MicroBatch], count: int) -> list[MicroBatch]:
                          "must plan one zero-weight row)")
     filler = MicroBatch(plan[-1].rows[:1], plan[-1].start, plan[-1].response_len, weight=0.0)
     return plan + [filler] * (count - len(plan))
+
+
+def token_budget_groups(costs: Sequence[int], max_tokens: int, count: int | None = None) -> list[list[int]]:
+    """Splits rows into ``count`` groups of near-equal token cost (default: as few as the budget
+    allows, ceil(total / max_tokens)); the groups of a ``group_token_mean`` loss term.
+
+    The ReLIFT reference forms its micro-batches this way (that many, balanced by tokens) and takes
+    a token mean per micro-batch; it balances with Karmarkar-Karp, this with the greedy "largest
+    first into the lightest group" rule: the same count, near the same balance. Independent of
+    this project's own micro-batches, which follow memory (padded cost, sorted rows).
+
+    Args:
+        costs: tokens of each row (prompt + response, unpadded).
+        max_tokens: the token budget of a group.
+        count: the number of groups to form (the max over ranks, which must agree); None: this
+            rows' own ceil(total / max_tokens). Capped at the row count.
+
+    Returns:
+        Groups of positions into ``costs``, each non-empty and in ascending order.
+    """
+    if count is None:
+        count = min_group_count(costs, max_tokens)
+    count = max(1, min(count, len(costs)))
+    groups: list[list[int]] = [[] for _ in range(count)]
+    totals = [0] * count
+    for row in sorted(range(len(costs)), key=lambda row: -costs[row]):  # stable on ties
+        lightest = min(range(count), key=lambda g: (totals[g], g))
+        groups[lightest].append(row)
+        totals[lightest] += costs[row]
+    return [sorted(group) for group in groups]
+
+
+def min_group_count(costs: Sequence[int], max_tokens: int) -> int:
+    """ceil(total tokens / budget), at least 1: the fewest groups within the budget on average."""
+    return max(1, -(-sum(costs) // max_tokens))
+
+
+def group_sizes(groups: Sequence[Sequence[int]], sizes: Sequence[int]) -> list[int]:
+    """For every position of ``sizes``, the total size of the group that holds it.
+
+    Args:
+        groups: a partition of ``range(len(sizes))``.
+        sizes: e.g. each row's response tokens.
+    """
+    totals = [0] * len(sizes)
+    for group in groups:
+        total = sum(sizes[row] for row in group)
+        for row in group:
+            totals[row] = total
+    return totals

@@ -11,7 +11,14 @@ from torch import Tensor
 
 from relift_pl.algorithms import policy_logprobs
 from relift_pl.distributed import all_reduce_max, world_size_and_rank
-from relift_pl.micro_batching import MicroBatch, pad_plan, plan_micro_batches
+from relift_pl.micro_batching import (
+    MicroBatch,
+    group_sizes,
+    min_group_count,
+    pad_plan,
+    plan_micro_batches,
+    token_budget_groups,
+)
 
 if TYPE_CHECKING:
     from relift_pl.module import ReLIFTModule
@@ -32,6 +39,26 @@ def plan(
     )  # fmt: skip
     count = int(all_reduce_max(torch.tensor(float(len(micro)), device=module.device, dtype=torch.float32)))
     return pad_plan(micro, count)
+
+
+def budget_group_tokens(
+    module: ReLIFTModule,
+    prompt_lengths: Sequence[int],
+    response_lengths: Sequence[int],
+    rows: Sequence[int],
+    max_tokens: int,
+) -> Tensor:
+    """[N] response tokens of the token-budget group that holds each row of ``rows`` (0 on the
+    other rows); see :func:`token_budget_groups`. Every rank forms as many groups as the rank
+    that needs most, so the group count per rank does not depend on which rank is lighter."""
+    rows = list(rows)
+    costs = [prompt_lengths[row] + response_lengths[row] for row in rows]
+    count = all_reduce_max(torch.tensor(float(min_group_count(costs, max_tokens)), device=module.device))
+    groups = token_budget_groups(costs, max_tokens, int(count))
+    sizes = group_sizes(groups, [response_lengths[row] for row in rows])
+    out = torch.zeros(len(prompt_lengths), device=module.device)  # [N]
+    out[torch.tensor(rows, device=module.device)] = torch.tensor(sizes, device=module.device, dtype=out.dtype)
+    return out
 
 
 def global_width(module: ReLIFTModule, width: int) -> float:
