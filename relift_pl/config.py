@@ -57,9 +57,10 @@ class AlgorithmConfig:
     sft_grad_clip: float = 1.0
     """Max grad norm of SFT steps."""
     rl_loss_scale: float = 1.0
-    """Multiplies the RL loss before backward (logged losses stay unscaled). Under AdamW only the
-    grad clip and Adam's eps see it: it puts ``rl_grad_clip`` on another scale, e.g. the ReLIFT
-    reference's, whose per-GPU loss is a sum over that GPU's sequences, not a mean."""
+    """Multiplies the RL loss before backward (logged losses stay unscaled; ``rl/grad_norm`` is
+    the scaled gradient's, the one the clip sees). Under AdamW only the grad clip and Adam's eps
+    see it: it puts ``rl_grad_clip`` on another scale, e.g. the ReLIFT reference's, whose per-GPU
+    loss is a sum over that GPU's sequences, not a mean (scripts/loss_scale.py)."""
     sft_loss_scale: float = 1.0
     """Multiplies the SFT step's loss before backward, like ``rl_loss_scale``."""
     buffer_threshold: int = 8
