@@ -19,6 +19,7 @@ from relift_pl.loggers import ContinuingCSVLogger, LogContinuation
 from relift_pl.models import load_policy, load_tokenizer, resolve_model_path
 from relift_pl.module import ReLIFTModule
 from relift_pl.quiet import quiet_known_noise
+from relift_pl.run_folder import register_resolvers
 from relift_pl.stop_tokens import apply_stop_tokens
 from relift_pl.summary import RunSummary
 from relift_pl.validation import check_config, instantiate_checked
@@ -28,6 +29,7 @@ if not OmegaConf.has_resolver("relift_root"):
     OmegaConf.register_new_resolver("relift_root", lambda: str(ROOT))
 if not OmegaConf.has_resolver("openr1_sample"):  # a local parquet in the OpenR1 schema
     OmegaConf.register_new_resolver("openr1_sample", openr1_sample)
+register_resolvers()  # hydra.run.dir and the per-rank logs of a multi-rank launch
 
 
 def build(
