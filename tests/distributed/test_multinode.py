@@ -105,7 +105,7 @@ def test_a_node_local_run_folder_stops_a_resume_on_every_rank(straight, tmp_path
         (line,) = _error_lines(node.stderr)
         assert f"the run folder {folder} is not shared by every node" in line, line
     assert not (folder / "checkpoints" / "step-000006.ckpt").exists()
-    print(f"node-local resume stopped in {launch.seconds:.0f} s")
+    print(f"node-local resume stopped in {launch.seconds:.0f} s: {line}")
 
 
 @needs_unshare
@@ -123,5 +123,6 @@ def test_a_node_local_checkpoint_folder_fails_the_save_on_every_rank(tmp_path):
         assert node.returncode == 1, launch.report()
         (line,) = _error_lines(node.stderr)
         assert "lacks rank 1's shard" in line, line
+    print(f"node-local checkpoint folder stopped in {launch.seconds:.0f} s: {line}")
     saved = local / "checkpoints"
     assert not (saved / "step-000001.ckpt").exists() and not (saved / "last.ckpt").exists()
