@@ -7,7 +7,8 @@ Choosing it happens in Hydra's ``hydra.run.dir`` (conf/train.yaml), before any p
 - given on the command line (``hydra.run.dir=...``, as the SLURM recipe does): every rank has it;
 - under torchrun: rank 0 stamps it (``outputs/<date>/<time>``, made absolute) and publishes it in
   the store torchrun's agent hosts at MASTER_ADDR:MASTER_PORT before any worker starts; the
-  other ranks read it there, whatever their start-up skew. A restarted worker group
+  other ranks read it there, whatever their start-up skew (static and c10d rendezvous share it;
+  with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 give hydra.run.dir). A restarted worker group
   (``--max-restarts``) finds the same folder;
 - otherwise Hydra's own stamp (one process; Lightning's own launcher passes its folder on).
 Rank 0 writes ``.hydra/`` and ``train.log``; rank r > 0 writes its ``train_rank<r>.log`` beside.
