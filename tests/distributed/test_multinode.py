@@ -18,17 +18,13 @@ from conftest import compose_cfg  # noqa: E402
 from relift_pl.checkpoint import check_checkpoint_file  # noqa: E402
 from relift_pl.models import resolve_model_path  # noqa: E402
 from toy_overrides import QUIET_TOY  # noqa: E402
-from two_nodes import can_unshare, launch_two_nodes, private_mount  # noqa: E402
+from two_nodes import TWO_NODES, can_unshare, launch_two_nodes, private_mount  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 RUN = [
     *QUIET_TOY,
-    "trainer=multinode",
-    "trainer.num_nodes=2",
-    "trainer.devices=1",
-    "trainer.accelerator=cpu",
-    "trainer.precision=32-true",
+    *TWO_NODES,
     "data.train_rows.levels=[3,4]",  # some prompts hardest: SFT steps run, the buffer carries rows
     "callbacks.checkpoint.every_n_train_steps=2",
     "callbacks.checkpoint.export_hf=true",

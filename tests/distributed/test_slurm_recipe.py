@@ -16,14 +16,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from relift_pl.checkpoint import check_checkpoint_file  # noqa: E402
 from toy_overrides import QUIET_TOY  # noqa: E402
-from two_nodes import ROOT, free_port  # noqa: E402
+from two_nodes import ON_CPU, ROOT, free_port  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 SBATCH = ROOT / "scripts" / "slurm" / "relift.sbatch"
 STANDIN = Path(__file__).with_name("slurm_standin")
-RUN = [*QUIET_TOY, "trainer.accelerator=cpu", "trainer.precision=32-true",
-       "callbacks.checkpoint.every_n_train_steps=2"]  # fmt: skip
+RUN = [*QUIET_TOY, *ON_CPU, "callbacks.checkpoint.every_n_train_steps=2"]  # the recipe sets the layout
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RUN_DIR")
 
 

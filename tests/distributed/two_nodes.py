@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "train.py"
 START_LATE = Path(__file__).with_name("start_late.py")
+# trainer=multinode is a GPU config (bf16-mixed): the same layout on CPU processes.
+ON_CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
+TWO_NODES = ["trainer=multinode", "trainer.num_nodes=2", "trainer.devices=1", *ON_CPU]
 
 
 def free_port() -> int:
@@ -30,10 +34,11 @@ def free_port() -> int:
 
 
 def can_unshare() -> bool:
-    """Whether this machine lets an unprivileged user make a mount namespace."""
+    """Whether this machine lets an unprivileged user bind a folder in a mount namespace."""
     if shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True)
+    with tempfile.TemporaryDirectory() as private, tempfile.TemporaryDirectory() as over:
+        probe = subprocess.run([*private_mount(Path(private), Path(over)), "true"], capture_output=True)
     return probe.returncode == 0
 
 

@@ -13,18 +13,14 @@ import pytest
 TESTS = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(TESTS / "integration"), str(TESTS / "distributed")]
 from toy_overrides import QUIET_TOY  # noqa: E402
-from two_nodes import launch_two_nodes  # noqa: E402
+from two_nodes import TWO_NODES, launch_two_nodes  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 
 RUN = [
     *QUIET_TOY,
     "experiment=toy_vllm",
-    "trainer=multinode",
-    "trainer.num_nodes=2",
-    "trainer.devices=1",
-    "trainer.accelerator=cpu",
-    "trainer.precision=32-true",
+    *TWO_NODES,
     "data.train_rows.levels=[4]",  # every prompt hardest: an SFT step runs between rollouts
     "max_steps=2",
 ]
