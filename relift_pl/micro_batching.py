@@ -8,6 +8,7 @@ only the columns some of its rows use, so short rows grouped together cost short
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -117,8 +118,8 @@ def token_budget_groups(costs: Sequence[int], max_tokens: int, count: int | None
     Args:
         costs: tokens of each row (prompt + response, unpadded).
         max_tokens: the token budget of a group.
-        count: the number of groups to form (the max over ranks, which must agree); None: this
-            rows' own ceil(total / max_tokens). Capped at the row count.
+        count: the number of groups to form (e.g. :func:`min_group_count` with shards); None:
+            ceil(total / max_tokens). Capped at the row count.
 
     Returns:
         Groups of positions into ``costs``, each non-empty and in ascending order.
@@ -127,17 +128,23 @@ def token_budget_groups(costs: Sequence[int], max_tokens: int, count: int | None
         count = min_group_count(costs, max_tokens)
     count = max(1, min(count, len(costs)))
     groups: list[list[int]] = [[] for _ in range(count)]
-    totals = [0] * count
+    lightest = [(0, g) for g in range(count)]  # (tokens, group): a heap, ties to the lower group
     for row in sorted(range(len(costs)), key=lambda row: -costs[row]):  # stable on ties
-        lightest = min(range(count), key=lambda g: (totals[g], g))
-        groups[lightest].append(row)
-        totals[lightest] += costs[row]
+        total, group = heapq.heappop(lightest)
+        groups[group].append(row)
+        heapq.heappush(lightest, (total + costs[row], group))
     return [sorted(group) for group in groups]
 
 
-def min_group_count(costs: Sequence[int], max_tokens: int) -> int:
-    """ceil(total tokens / budget), at least 1: the fewest groups within the budget on average."""
-    return max(1, -(-sum(costs) // max_tokens))
+def min_group_count(costs: Sequence[int], max_tokens: int, shards: int = 1) -> int:
+    """The fewest groups within the budget on average, a multiple of ``shards``: shards x
+    ceil(total tokens / shards / budget), at least ``shards``.
+
+    With ``shards`` = the ReLIFT reference's GPU count this is its micro-batch count when its
+    re-deal by length (the trainer's ``_balance_batch``) gives every GPU an equal share: each
+    forms ceil(share / budget) micro-batches.
+    """
+    return shards * max(1, -(-sum(costs) // (shards * max_tokens)))
 
 
 def group_sizes(groups: Sequence[Sequence[int]], sizes: Sequence[int]) -> list[int]:

@@ -199,6 +199,10 @@ class PolicyGradientLoss(nn.Module):
             term: the ReLIFT reference adds each micro-batch's entropy token mean to a pg term
             summed over sequences, so its entropy weighs per micro-batch, not per token.
         entropy_group_max_tokens: the token budget of those groups (group_token_mean).
+        entropy_group_shards: the group count is a multiple of this: shards x ceil(mini-batch
+            tokens / shards / budget), the groups formed over the whole mini-batch whatever the
+            world size. The reference's GPU count gives its count when its re-deal by length
+            leaves each GPU an equal share (1: the fewest groups the budget allows).
     """
 
     def __init__(
@@ -213,6 +217,7 @@ class PolicyGradientLoss(nn.Module):
         shaping_gamma: float | None = 0.1,
         entropy_agg_mode: AggMode | None = None,
         entropy_group_max_tokens: int | None = None,
+        entropy_group_shards: int = 1,
     ) -> None:
         super().__init__()
         if shaping_gamma is not None and not shaping_gamma > 0:
@@ -231,6 +236,8 @@ class PolicyGradientLoss(nn.Module):
         if entropy_agg_mode is not None:
             _check_agg_mode(entropy_agg_mode)
         _check_groups(entropy_agg_mode, entropy_group_max_tokens=entropy_group_max_tokens)
+        if entropy_group_shards < 1:
+            raise ValueError(f"entropy_group_shards must be >= 1, got {entropy_group_shards}")
         self.clip = clip
         self.clip_ratio_low = clip_ratio_low
         self.clip_ratio_high = clip_ratio_high
@@ -241,6 +248,7 @@ class PolicyGradientLoss(nn.Module):
         self.shaping_gamma = shaping_gamma
         self.entropy_agg_mode = entropy_agg_mode
         self.entropy_group_max_tokens = entropy_group_max_tokens
+        self.entropy_group_shards = entropy_group_shards
 
     def forward(
         self,

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from relift_pl.algorithms import policy_logprobs
-from relift_pl.distributed import all_reduce_max, world_size_and_rank
+from relift_pl.distributed import all_gather_objects, all_reduce_max, world_size_and_rank
 from relift_pl.micro_batching import (
     MicroBatch,
     group_sizes,
@@ -47,15 +47,25 @@ def budget_group_tokens(
     response_lengths: Sequence[int],
     rows: Sequence[int],
     max_tokens: int,
+    shards: int = 1,
 ) -> Tensor:
     """[N] response tokens of the token-budget group that holds each row of ``rows`` (0 on the
-    other rows); see :func:`token_budget_groups`. Every rank forms as many groups as the rank
-    that needs most, so the group count per rank does not depend on which rank is lighter."""
+    other rows); see :func:`token_budget_groups`.
+
+    The groups define the loss only (they never bound memory), so they are formed over the whole
+    mini-batch, every rank's rows in rank order (their lengths gathered), as
+    :func:`min_group_count` of them: the same rows in the same order form the same groups on any
+    number of ranks, so the loss does not depend on the world size (counted per rank, the
+    heaviest rank's count would set every rank's). Each rank then keeps its own rows' sizes.
+    """
     rows = list(rows)
-    costs = [prompt_lengths[row] + response_lengths[row] for row in rows]
-    count = all_reduce_max(torch.tensor(float(min_group_count(costs, max_tokens)), device=module.device))
-    groups = token_budget_groups(costs, max_tokens, int(count))
-    sizes = group_sizes(groups, [response_lengths[row] for row in rows])
+    mine = [(prompt_lengths[row] + response_lengths[row], response_lengths[row]) for row in rows]
+    parts = all_gather_objects([mine])  # every rank's (tokens, response tokens), rank order
+    everyone = [row for part in parts for row in part]
+    costs = [tokens for tokens, _ in everyone]
+    groups = token_budget_groups(costs, max_tokens, min_group_count(costs, max_tokens, shards))
+    start = sum(len(part) for part in parts[: world_size_and_rank()[1]])
+    sizes = group_sizes(groups, [response for _, response in everyone])[start : start + len(rows)]
     out = torch.zeros(len(prompt_lengths), device=module.device)  # [N]
     out[torch.tensor(rows, device=module.device)] = torch.tensor(sizes, device=module.device, dtype=out.dtype)
     return out

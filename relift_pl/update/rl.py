@@ -123,7 +123,8 @@ def rl_update(
         group_tokens = None  # [N]: the entropy's token-budget groups, if it is reduced per group
         if module.pg_loss.entropy_agg_mode == "group_token_mean" and module.pg_loss.entropy_coef:
             group_tokens = budget_group_tokens(module, prompt_lengths, response_lengths, mini,
-                                               module.pg_loss.entropy_group_max_tokens)
+                                               module.pg_loss.entropy_group_max_tokens,
+                                               module.pg_loss.entropy_group_shards)
         micro = micro_plan(mini)
         for i, mb in enumerate(micro):
             rows, width = mb.rows, mb.response_len

@@ -4,7 +4,9 @@ its code on a fixed small batch in the recipe's layout: 8 ranks, each with 16 pr
 rollouts in two mini-batches of 64, and M=128 demonstrations. The ranks are simulated in one
 process (each rank's collectives are recorded, then replayed reduced over all 8); the token
 budgets and the max response length are scaled down together. One test per difference the recipe
-closes (issue 24); each also switches its option back and shows the match breaks."""
+closes (issue 24); each also switches its option back and shows the match breaks. The RL
+entropy's groups are checked on rows of unequal lengths too: that they are the ones the loss
+sums over and that they do not depend on the world size."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import relift_pl.update.rl as rl
 import relift_pl.update.sft as sft
 from conftest import compose_cfg
 from relift_pl.metrics import StepMetrics
+from relift_pl.micro_batching import group_sizes, token_budget_groups
 from relift_pl.rollout.base import RolloutBatch
 from relift_pl.update import rl_update, sft_update
 
@@ -56,10 +59,12 @@ def tiny_policy() -> Qwen2ForCausalLM:
 
 
 def lengths(rank: int, mini: int) -> tuple[int, int]:
-    """(prompt, response) tokens of every row of a rank's mini-batch. Equal within a mini-batch,
-    so any balanced split into micro-batches gives the same sum of token means (which rows share
-    a micro-batch then does not matter); unequal over ranks, so ranks need different counts."""
-    return 3 + (rank + mini) % 3, 4 + (rank * 3 + mini * 5) % 9
+    """(prompt, response) tokens of every row of a rank's mini-batch. Equal within a mini-batch
+    over all ranks (as the reference's re-deal by length would leave the ranks' token totals), so
+    any balanced split into micro-batches gives the same sum of token means: which rows share a
+    micro-batch, or a rank, then does not matter. 16 and 8 tokens: 4 and 2 micro-batches of 64
+    rows per rank at the 300-token budget, 32 and 16 groups of the mini-batch's 512."""
+    return (4, 12) if mini == 0 else (3, 5)
 
 
 def rollouts(rank: int) -> tuple[RolloutBatch, torch.Tensor]:
@@ -78,6 +83,41 @@ def rollouts(rank: int) -> tuple[RolloutBatch, torch.Tensor]:
     advantages = (rewards - rewards.mean(-1, keepdim=True)).flatten()  # [N] no std (the recipe's)
     batch = RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, ["stop"] * ROWS)
     return batch, advantages
+
+
+def uneven_rollouts() -> RolloutBatch:
+    """The step's 1,024 rollouts (128 prompts x G), two global mini-batches of 64 prompts, with
+    lengths unequal within a mini-batch: each prompt's responses scale with a factor that grows
+    with the prompt's index, so ranks holding contiguous prompts carry unequal token totals (on 8
+    ranks the last holds ~1.4x the first's), as the project's ranks do (no re-deal by length)."""
+    gen = torch.Generator().manual_seed(11)
+    rows = WORLD * ROWS
+    prompt_ids = torch.full((rows, P), PAD)
+    prompt_mask = torch.zeros(rows, P, dtype=torch.long)
+    response_ids = torch.full((rows, R), PAD)
+    response_mask = torch.zeros(rows, R, dtype=torch.long)
+    for prompt in range(rows // G):
+        factor = 0.5 + prompt / (rows // G)  # 0.5 .. 1.5
+        p = 2 + prompt % 5
+        ids = torch.randint(1, VOCAB, (p,), generator=gen)
+        for row in range(prompt * G, (prompt + 1) * G):
+            r = min(R, max(1, round(factor * int(torch.randint(3, 12, (1,), generator=gen)))))
+            prompt_ids[row, P - p :], prompt_mask[row, P - p :] = ids, 1
+            response_ids[row, :r] = torch.randint(1, VOCAB, (r,), generator=gen)
+            response_mask[row, :r] = 1
+    return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, ["stop"] * rows)
+
+
+def rank_share(batch: RolloutBatch, world: int, rank: int) -> RolloutBatch:
+    """Rank ``rank``'s rows of ``batch`` on ``world`` ranks: its contiguous slice of each global
+    mini-batch, so that its own two mini-batches (halves) are its parts of the global ones and
+    every world size updates on the same global mini-batches."""
+    half = len(batch.finish_reasons) // MINI
+    share = half // world
+    rows = torch.cat([torch.arange(m * half + rank * share, m * half + (rank + 1) * share)
+                      for m in range(MINI)])  # fmt: skip
+    return RolloutBatch(batch.prompt_ids[rows], batch.prompt_mask[rows], batch.response_ids[rows],
+                        batch.response_mask[rows], ["stop"] * len(rows))  # fmt: skip
 
 
 def demonstrations() -> list[dict]:
@@ -181,7 +221,9 @@ class SimulatedRanks:
     """Runs an update as each of ``world`` ranks in turn, twice: first recording every rank's
     collective inputs, then replaying each collective reduced over all ranks. Collectives come in
     the same order on every rank (they must, for real), so the i-th call of each rank matches.
-    Optimizer steps only collect the gradient, summed over ranks."""
+    A gather returns every rank's items in rank order (while recording, ``world`` copies of the
+    rank's own, which nothing keeps). Optimizer steps only collect the gradient, summed over
+    ranks."""
 
     def __init__(self, world: int, model) -> None:
         self.world, self.model = world, model
@@ -201,6 +243,13 @@ class SimulatedRanks:
 
         return run
 
+    def _gather(self, items: list) -> list:
+        index, self.calls = self.calls, self.calls + 1
+        if not self.replay:
+            self.log[self.rank].append(list(items))
+            return [item for _ in range(self.world) for item in items]
+        return [item for rank in range(self.world) for item in self.log[rank][index]]
+
     def _optimizer_step(self, module, optimizer, max_norm, name):
         index, self.steps = self.steps, self.steps + 1
         if self.replay:
@@ -218,6 +267,7 @@ class SimulatedRanks:
         patches = [
             mock.patch.object(rl, "all_reduce_sum", total), mock.patch.object(rl, "all_reduce_max", largest),
             mock.patch.object(sft, "all_reduce_sum", total), mock.patch.object(common, "all_reduce_max", largest),
+            mock.patch.object(common, "all_gather_objects", self._gather),
             mock.patch.object(common, "world_size_and_rank", lambda: (self.world, self.rank)),
             mock.patch.object(sft, "world_size_and_rank", lambda: (self.world, self.rank)),
             mock.patch.object(rl, "optimizer_step", self._optimizer_step),
@@ -249,6 +299,16 @@ def project_rl_grads(model, *overrides: str) -> list[torch.Tensor]:
     return SimulatedRanks(WORLD, model).run(
         lambda rank: rl_update(module, *rollouts(rank), StepMetrics())
     )
+
+
+def project_rl_grads_on(model, world: int, batch: RolloutBatch, *overrides: str) -> list[torch.Tensor]:
+    """The RL gradients of ``batch``'s rows dealt over ``world`` ranks (see :func:`rank_share`),
+    with zero advantages: the pg term has no gradient, the entropy term is all there is."""
+    module = stand_in_module(recipe_algorithm(*overrides), model)
+    return SimulatedRanks(world, model).run(lambda rank: rl_update(
+        module, share := rank_share(batch, world, rank), torch.zeros(len(share.finish_reasons)),
+        StepMetrics(),
+    ))  # fmt: skip
 
 
 def project_sft_grad(model, *overrides: str) -> torch.Tensor:
@@ -313,7 +373,7 @@ def test_item1_sft_entropy_bonus(model, recipe):
 def test_item2_rl_entropy_is_a_token_mean_per_micro_batch(model):
     # At the recipe's 1e-4 the entropy's share of the gradient (~4e-6) is near float32 round-off:
     # compared at train.sh's 1e-3. Aggregated like the pg term (sum / (N x R)), the entropy
-    # would weigh (response tokens per group) / R times more: 16 rows x 4..12 tokens / 12 here.
+    # would weigh (response tokens per group) / R times more: 16 rows x 12 or 32 x 5 tokens / 12.
     coef = "algorithm.pg_loss.entropy_coef=0.001"
     theirs = reference_rl_grads(model, 0.001)
     ours = project_rl_grads(model, coef)
@@ -339,3 +399,57 @@ def test_item4_sft_mean_over_micro_batches_at_an_eighth(model, recipe, override)
     # reference's and the 1.0 clip binds where the reference's would not.
     switched = project_sft_grad(model, override)
     assert error(clipped(switched, recipe.sft_clip), clipped(recipe.reference_sft, recipe.sft_clip)) > BROKEN
+
+
+# ---- the RL entropy's groups on rows of unequal lengths ----------------------------------------
+
+ENTROPY_COEF = "algorithm.pg_loss.entropy_coef=0.001"
+
+
+@pytest.fixture(scope="module")
+def uneven():
+    return uneven_rollouts()
+
+
+def test_rl_entropy_does_not_depend_on_the_world_size(model, uneven):
+    # The groups are formed over the whole mini-batch, so 1, 2 or 8 ranks holding the same rows
+    # give the same entropy term. Counted per rank (ceil(rank tokens / budget), the max over
+    # ranks), the heaviest rank set every rank's count: 8 ranks formed more groups than 1, and
+    # the entropy weighed more (first mini-batch's norms 3.1e-5 / 3.5e-5 / 4.7e-5 before the fix).
+    one, two, eight = (project_rl_grads_on(model, world, uneven, ENTROPY_COEF) for world in (1, 2, 8))
+    for a, b, c in zip(one, two, eight, strict=True):
+        assert a.norm() > 0
+        assert error(b, a) < MATCH and error(c, a) < MATCH
+
+
+def test_rl_entropy_is_the_sum_of_its_groups_token_means(model, uneven):
+    """Each global mini-batch's rows fall in shards x ceil(tokens / shards / budget) groups (the
+    recipe's shards: the reference's 8 GPUs); the entropy term is -coef x the sum over the groups
+    of their entropy's token mean, divided like the pg term: / N sequences x rl_loss_scale (the
+    reference: / 8 GPUs). The rows' lengths differ within a mini-batch, so a row handed another
+    row's group size weighs wrongly."""
+    algo = recipe_algorithm(ENTROPY_COEF)
+    pg = algo.pg_loss
+    half = len(uneven.finish_reasons) // MINI
+    expected = []
+    for mini in range(MINI):
+        rows = torch.arange(mini * half, (mini + 1) * half)
+        mask = uneven.response_mask[rows].float()
+        costs = uneven.attention_mask[rows].sum(-1).tolist()
+        shards, budget = pg.entropy_group_shards, pg.entropy_group_max_tokens
+        count = shards * math.ceil(sum(costs) / (shards * budget))
+        groups = token_budget_groups(costs, budget, count)
+        assert len(groups) == count and sorted(sum(groups, [])) == list(range(half))
+        assert len({int(mask[g].sum()) for g in groups}) > 1  # unequal groups: sizes matter
+        model.zero_grad(set_to_none=True)
+        _, entropy = reference_logprobs(model, uneven.input_ids[rows], uneven.attention_mask[rows], R)
+        token_means = sum(masked_mean(entropy[g], mask[g]) for g in groups)
+        (-pg.entropy_coef * token_means / half * algo.rl_loss_scale).backward()
+        expected.append(flat_grads(model))
+    ours = project_rl_grads_on(model, WORLD, uneven, ENTROPY_COEF)
+    assert all(error(a, b) < MATCH for a, b in zip(ours, expected, strict=True))
+    # A row handed another row's group size (the sizes reversed) misses.
+    reversed_sizes = lambda groups, sizes: group_sizes(groups, sizes)[::-1]  # noqa: E731
+    with mock.patch.object(common, "group_sizes", reversed_sizes):
+        mutant = project_rl_grads_on(model, WORLD, uneven, ENTROPY_COEF)
+    assert all(error(a, b) > BROKEN for a, b in zip(mutant, expected, strict=True))

@@ -276,6 +276,8 @@ def test_sft_group_token_mean_weighs_groups_not_tokens():
     [
         (lambda: PolicyGradientLoss(agg_mode="group_token_mean"), "entropy term only"),
         (lambda: PolicyGradientLoss(entropy_agg_mode="group_token_mean"), "entropy_group_max_tokens"),
+        (lambda: PolicyGradientLoss(entropy_agg_mode="group_token_mean", entropy_group_max_tokens=8,
+                                    entropy_group_shards=0), "entropy_group_shards"),
         (lambda: SFTLoss(agg_mode="group_token_mean"), "group_rows"),
         (lambda: aggregate_loss(VALUES, MASK, "group_token_mean"), "group_tokens"),
     ],

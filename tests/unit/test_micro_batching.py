@@ -96,5 +96,13 @@ def test_token_budget_groups_count_and_balance():
     assert token_budget_groups([3, 3], 1, count=5) == [[0], [1]]
 
 
+def test_min_group_count_in_shards():
+    # 18 tokens in 3 shards of a 10-token budget: each shard's 6 need 1 group, 3 in all; 61
+    # tokens in 2 shards: 30.5 each need 4, 8 in all (not ceil(61 / 10) = 7).
+    assert min_group_count([7, 5, 4, 2], 10, shards=3) == 3
+    assert min_group_count([61], 10, shards=2) == 8 and min_group_count([61], 10) == 7
+    assert min_group_count([], 10, shards=4) == 4
+
+
 def test_group_sizes_gives_each_row_its_groups_total():
     assert group_sizes([[0, 3], [1, 2]], [4, 1, 2, 3]) == [7, 3, 3, 7]
