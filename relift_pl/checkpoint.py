@@ -220,6 +220,9 @@ def _check_checkpoint_folder(path: Path) -> Path:
         check_distributed_checkpoint_metadata(path)  # before torch unpickles it
         FileSystemReader(str(path)).read_metadata()
         load_weights_only(path / _METADATA_FILENAME)
+        missing = missing_shards(path)
+        if missing:
+            raise FileNotFoundError(f"no shard files {', '.join(missing[:4])}")
     except UnsafeFileError:
         raise
     except Exception as err:  # missing or truncated files, a half-written save
@@ -228,6 +231,20 @@ def _check_checkpoint_folder(path: Path) -> Path:
             "resume from an earlier one with ckpt_path=<path> (see the checkpoints/ folder)"
         ) from err
     return path
+
+
+def missing_shards(folder: str | Path) -> list[str]:
+    """The files a sharded checkpoint's metadata names that ``folder`` lacks or holds short:
+    the shards of ranks that wrote them elsewhere (a node-local disk)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    sizes: dict[str, int] = {}  # each file's end, from every entry stored in it
+    for info in (FileSystemReader(str(folder)).read_metadata().storage_data or {}).values():
+        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+    files = {name: Path(folder) / name for name in sizes}
+    return sorted(
+        name for name, file in files.items() if not file.is_file() or file.stat().st_size < sizes[name]
+    )
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
