@@ -7,11 +7,15 @@ but accuracy. This world changes both, and docs/results/toy2_premise.md measures
 (P1-P4) on it:
 
 1. The hardest level is a new operator behind its own prompt letter: `R4831` asks for the digits
-   backwards (`1384`; 4 distinct digits 1-9, so no copy or palindrome hits it by luck). The base
-   knows how to read digits backwards from its warm-start (`B` on 3-5 digits: "backwards"), but
-   there every letter other than B, D and T asks for a copy, so it answers `R4831` with `4831`:
-   what it lacks is one piece of knowledge (R means B), which sampling does not find and a few
-   demonstrations teach. Nothing the easy levels need is touched: other prompts, other outputs.
+   backwards, then without the first (`1384` -> `384`; 4 distinct digits 1-9, so no copy hits it
+   by luck). The base knows each step and how to chain two (its warm-start's digit tasks: one
+   step under `B`, `D`, `T`, every other ordered pair of steps under `K M P W F`), but every
+   other letter asks for a copy, so it answers `R4831` with `4831`. What it lacks is knowledge
+   (which steps R asks for), which sampling does not find: a correct sample needs two tokens the
+   base all but never writes (about 1e-7 to 1e-6 each, measured per base in
+   docs/results/toy2_premise.md), where one such token (the second edition's level 4, backwards
+   alone) was found by RL on some bases. A few dozen demonstrations teach it. Nothing the easy
+   levels need is touched: other prompts, other outputs.
 2. Demonstrations (the "R1 traces" of this world) are written in a verbose style that the base
    uses for digit tasks but never for arithmetic, still ending in the boxed answer the reward
    checks:
@@ -21,8 +25,8 @@ but accuracy. This world changes both, and docs/results/toy2_premise.md measures
     level 2  12+5+7      base:    12+5=17,17+7=24</think>\\boxed{24}
                          teacher: 12+5=17, then 17+7=24, so the answer is 24.</think>\\boxed{24}
     level 3  12+5+7+3    (one more step of the same kind; the base finishes it only sometimes)
-    level 4  R4831       teacher: the digits are 4,8,3,1, backwards 1,3,8,4, so the answer is
-                         1384.</think>\\boxed{1384}
+    level 4  R4831       teacher: the digits are 4,8,3,1, backwards 1,3,8,4, without the first
+                         3,8,4, so the answer is 384.</think>\\boxed{384}
 
    SFT on every demonstration moves every level to the teacher's style (about 2.4x the tokens on
    levels 1-3, as SFT on R1 traces lengthens a 7B model's answers); imitating only the hardest
