@@ -13,7 +13,8 @@ from relift_pl.toy.shipped import SHIPPED_DIR, WEIGHTS_FILE, sha256, verify_ship
 from relift_pl.train import build
 
 WEIGHTS_SHA256 = {
-    "tiny2": "3a1b8807a6df2fb1f502380a835cf195224cf99b1376d5e2c2e12930081aa6a1",
+    "tiny": "903a4d8d6f178fb44ede57a80e4f463a08540a1a2c7b4aef42df5a7d3cf5e057",  # experiment=toy
+    "tiny2": "3a1b8807a6df2fb1f502380a835cf195224cf99b1376d5e2c2e12930081aa6a1",  # the default
 }
 # The default run's step-0 evaluation (python train.py: test split, avg@4 at T=1, %), as the
 # README's quickstart table prints it in its "before" column.
@@ -42,3 +43,8 @@ def test_the_default_run_loads_the_shipped_base_and_scores_its_step_0(tmp_path):
     # Another CPU's float kernels can flip a rare sample: allow one of level 1's 184 (46 x 4).
     for level, expected in STEP0.items():
         assert measured[level] * 100 == pytest.approx(expected, abs=100 / (4 * 46)), (level, measured)
+
+
+def test_the_first_worlds_run_loads_its_shipped_base():
+    cfg = compose_cfg(["experiment=toy"])
+    assert str(instantiate(cfg.model.build)()) == str(SHIPPED_DIR / "tiny")
