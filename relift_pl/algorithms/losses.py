@@ -155,6 +155,19 @@ def policy_shaping(logprobs: Tensor, gamma: float | None) -> Tensor:
     return probs if gamma is None else probs / (probs + gamma)
 
 
+def shaping_weight(logprobs: Tensor, gamma: float | None) -> Tensor:
+    """The weight policy shaping puts on a token's log-probability gradient: d f(p) / d log p =
+    gamma p / (p + gamma)^2 (p without shaping; SFT's is 1). At p << gamma it is about p / gamma:
+    a demonstration token the policy gives 1e-7 is pushed with weight ~1e-6.
+
+    Args:
+        logprobs: [N, T] log-probs.
+        gamma: the shaping regulariser; None: no shaping (f(p) = p, weight p).
+    """
+    probs = logprobs.exp()  # [N, T]
+    return probs if gamma is None else gamma * probs / (probs + gamma) ** 2
+
+
 def _check_non_negative(**kwargs: float) -> None:
     for name, value in kwargs.items():
         if value < 0:
@@ -291,7 +304,9 @@ class PolicyGradientLoss(nn.Module):
             micro-batch values sum to the batch value under global counts), and local token means
             "clip_frac", "ratio_mean", "entropy" (if given), "kl" (if ref_logprobs given); with
             ``off_policy``, means over the off-policy tokens: "off_policy_prob" (p) and
-            "shaped_prob" (f(p)).
+            "shaped_prob" (f(p)); and over the demonstration rows, sums for a mean over rows:
+            "off_rows", "min_token_logprob_sum" (each row's least likely token's log-prob) and
+            "min_token_weight_sum" (its ``shaping_weight``).
         """
         if self.entropy_coef > 0 and entropy is None:
             raise ValueError("entropy_coef > 0 but no entropy was passed")
@@ -322,9 +337,16 @@ class PolicyGradientLoss(nn.Module):
             pg = torch.where(off_tokens, -adv * shaped, pg)  # no clip on demonstration tokens
             clipped = clipped & ~off_tokens
             off_mask = response_mask * off_tokens
+            # Each demonstration's least likely token: the decision the policy must still learn.
+            least = logprobs.detach().masked_fill(off_mask == 0, float("inf")).min(-1).values  # [N]
+            off_rows = off_policy.bool() & torch.isfinite(least)  # [N]
+            least = torch.where(off_rows, least, torch.zeros_like(least))
             shaped_metrics = {
                 "off_policy_prob": masked_mean(logprobs.detach().exp(), off_mask),
                 "shaped_prob": masked_mean(shaped.detach(), off_mask),
+                "off_rows": off_rows.sum().float(),
+                "min_token_logprob_sum": least[off_rows].sum(),
+                "min_token_weight_sum": shaping_weight(least[off_rows], self.shaping_gamma).sum(),
             }
 
         pg_loss = agg(pg)

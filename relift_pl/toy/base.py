@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from relift_pl.toy import shipped as shipped_base
+from relift_pl.toy import world2
 from relift_pl.toy.cache import cached_build
 from relift_pl.toy.tokenizer import build_toy_tokenizer
 from relift_pl.toy.world import ToyWorldConfig, level_pool
@@ -82,11 +84,15 @@ def ensure_toy_base(
     model_overrides: dict[str, Any] | None = None,
     log_every: int = 50,
     device: str | torch.device = "cpu",
+    rebuild: bool = False,
 ) -> Path:
-    """Return a directory with the warm-started toy base (model + tokenizer), training it once.
+    """Return a directory with the warm-started toy base (model + tokenizer).
 
-    The directory is `cache_dir/<key>`, the key a short hash of every argument below (except
-    `log_every`) and `BASE_VERSION`. Training happens in a temporary directory next to it that is
+    When these settings are those of a base the repository ships (`relift_pl.toy.shipped`), that
+    base, after checking its files' sha256: a network trained here would be another machine's
+    network. Otherwise (or with `rebuild`) the base is trained once and cached in
+    `cache_dir/<key>`, the key a short hash of every setting below (not `log_every`, `device`,
+    `rebuild`) and `BASE_VERSION`. Training happens in a temporary directory next to it that is
     renamed into place at the end, so a killed run never leaves a half-written base.
 
     Args:
@@ -108,6 +114,9 @@ def ensure_toy_base(
         model_overrides: `tiny_qwen2_config` overrides.
         log_every: print progress every this many steps (0: silent).
         device: where to train (not part of the key: any device gives the same recipe).
+        rebuild: train (or take from the cache) even when the settings are a shipped base's,
+            and print whether the result is bitwise the shipped one (for whoever changes the
+            world: ship the new base with `scripts/ship_toy_base.py`).
 
     Returns:
         Path loadable with `AutoModelForCausalLM.from_pretrained` and
@@ -130,10 +139,18 @@ def ensure_toy_base(
     )
     if task_fraction:  # only then: the first world's bases keep their cache keys
         settings["task_fraction"] = task_fraction
-    return cached_build(
+        settings["digit_tasks"] = world2.warmstart_recipe()
+    shipped = shipped_base.find_shipped(settings, METADATA_FILE)
+    if shipped is not None and not rebuild:
+        shipped_base.verify_shipped(shipped)
+        return shipped
+    path = cached_build(
         cache_dir, "toy-base", settings, METADATA_FILE,
         lambda tmp: _train_base(tmp, settings, world, model_overrides or {}, log_every, device),
     )  # fmt: skip
+    if shipped is not None:
+        print(shipped_base.compare_to_shipped(path, shipped), flush=True)
+    return path
 
 
 def _train_base(
@@ -158,12 +175,10 @@ def _train_base(
     middle_short = level_pool("train", middle, world, stop_after=-1)
     rng = random.Random(settings["seed"])
     task_fraction = settings.get("task_fraction", 0.0)
-    if task_fraction:
-        from relift_pl.toy.world2 import draw_pretraining_row
 
     def draw_row() -> dict:
         if task_fraction and rng.random() < task_fraction:
-            return draw_pretraining_row(rng)
+            return world2.draw_pretraining_row(rng)
         if rng.random() >= settings["middle_fraction"]:
             return rng.choice(rng.choice(easy_pools))
         i = rng.randrange(len(middle_full))

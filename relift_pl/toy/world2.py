@@ -7,11 +7,15 @@ but accuracy. This world changes both, and docs/results/toy2_premise.md measures
 (P1-P4) on it:
 
 1. The hardest level is a new operator behind its own prompt letter: `R4831` asks for the digits
-   backwards (`1384`; 4 distinct digits 1-9, so no copy or palindrome hits it by luck). The base
-   knows how to read digits backwards from its warm-start (`B` on 3-5 digits: "backwards"), but
-   there every letter other than B, D and T asks for a copy, so it answers `R4831` with `4831`:
-   what it lacks is one piece of knowledge (R means B), which sampling does not find and a few
-   demonstrations teach. Nothing the easy levels need is touched: other prompts, other outputs.
+   backwards, then without the first (`1384` -> `384`; 4 distinct digits 1-9, so no copy hits it
+   by luck). The base knows each step and how to chain two (its warm-start's digit tasks: one
+   step under `B`, `D`, `T`, every other ordered pair of steps under `K M P W F`), but every
+   other letter asks for a copy, so it answers `R4831` with `4831`. What it lacks is knowledge
+   (which steps R asks for), which sampling does not find: a correct sample needs two tokens the
+   base all but never writes (about 1e-7 to 1e-6 each, measured per base in
+   docs/results/toy2_premise.md), where one such token (the second edition's level 4, backwards
+   alone) was found by RL on some bases. A few dozen demonstrations teach it. Nothing the easy
+   levels need is touched: other prompts, other outputs.
 2. Demonstrations (the "R1 traces" of this world) are written in a verbose style that the base
    uses for digit tasks but never for arithmetic, still ending in the boxed answer the reward
    checks:
@@ -21,8 +25,8 @@ but accuracy. This world changes both, and docs/results/toy2_premise.md measures
     level 2  12+5+7      base:    12+5=17,17+7=24</think>\\boxed{24}
                          teacher: 12+5=17, then 17+7=24, so the answer is 24.</think>\\boxed{24}
     level 3  12+5+7+3    (one more step of the same kind; the base finishes it only sometimes)
-    level 4  R4831       teacher: the digits are 4,8,3,1, backwards 1,3,8,4, so the answer is
-                         1384.</think>\\boxed{1384}
+    level 4  R4831       teacher: the digits are 4,8,3,1, backwards 1,3,8,4, without the first
+                         3,8,4, so the answer is 384.</think>\\boxed{384}
 
    SFT on every demonstration moves every level to the teacher's style (about 2.4x the tokens on
    levels 1-3, as SFT on R1 traces lengthens a 7B model's answers); imitating only the hardest
@@ -38,7 +42,7 @@ from __future__ import annotations
 import functools
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -102,37 +106,57 @@ def demonstration(problem: str, level: int, style: Style = "verbose", stop_after
 
 # The base's "pretraining" beyond arithmetic: a digit task named by a capital letter, on a number
 # of 3-5 distinct digits 1-9, answered in the teacher's words (so the words are not new to the
-# base, only their use for arithmetic is). Three letters have a meaning of their own; every other
-# letter asks for a copy, so a letter the base never saw reads as "copy" too. `R` is kept out:
-# level 4 (`R4831`, reverse) needs the base to learn that R means what B means.
-TRANSFORMS: dict[str, str] = {
-    "B": "backwards",            # reverse
-    "D": "without the first",    # drop the first digit
-    "T": "first to the end",     # rotate left by one
+# base, only their use for arithmetic is). A task is a chain of steps, each written out on the
+# previous step's digits; the answer is the last listing. Three letters ask for one step, five for
+# two (every ordered pair of different steps but one), every other letter asks for a copy, so a
+# letter the base never saw reads as "copy" too. `R` is kept out of the warm-start: level 4
+# (`R4831` -> `384`) is the held-out pair, backwards then without the first. Sampling it takes two
+# decisions the base never makes: leave the copy (write "backwards" where a copy writes "so"),
+# then go on after "backwards" with the step no warm-start task puts there. Each is about as
+# unlikely as a token the base was trained against (1e-7 to 1e-4, depending on the base's random
+# draw), and RL needs both in one sample; SFT has only to route R to steps the base can chain.
+STEPS: dict[str, Callable[[str], str]] = {
+    "backwards": lambda d: d[::-1],
+    "without the first": lambda d: d[1:],
+    "first to the end": lambda d: d[1:] + d[0],
 }
-COPY_LETTERS = "ACEFGHIJKLMNOPQSUVWXYZ"
-"""Letters that ask for a copy (every capital but B, D, R, T)."""
+TASKS: dict[str, tuple[str, ...]] = {
+    "B": ("backwards",),
+    "D": ("without the first",),
+    "T": ("first to the end",),
+    "K": ("backwards", "first to the end"),
+    "M": ("without the first", "backwards"),
+    "P": ("first to the end", "backwards"),
+    "W": ("without the first", "first to the end"),
+    "F": ("first to the end", "without the first"),
+    "R": ("backwards", "without the first"),  # level 4 only: never in the warm-start
+}
+COPY_LETTERS = "ACEGHIJLNOQSUVXYZ"
+"""Letters that ask for a copy (every capital without a task)."""
 TASK_LENGTHS = (3, 4, 5)
-TASK_WEIGHTS = {"copy": 2, "B": 1, "D": 1, "T": 1}
+TASK_WEIGHTS = {"copy": 2, "B": 1, "D": 1, "T": 1} | {letter: 0.4 for letter in "KMPWF"}
 """Relative shares of the digit tasks in the warm-start."""
 
 
-def _task_answer(task: str, digits: str) -> str:
-    if task == "B" or task == "R":
-        return digits[::-1]
-    if task == "D":
-        return digits[1:]
-    if task == "T":
-        return digits[1:] + digits[0]
-    return digits  # a copy letter
+def _task_answer(letter: str, digits: str) -> str:
+    for step in TASKS.get(letter, ()):  # a copy letter has no step
+        digits = STEPS[step](digits)
+    return digits
 
 
-def _listing(task: str, digits: str) -> str:
-    """The teacher's words for a digit task: the digits, the transformed digits, the answer."""
-    word = TRANSFORMS["B"] if task == "R" else TRANSFORMS.get(task)
-    answer = _task_answer(task, digits)
-    middle = f" {word} {','.join(answer)}," if word else ""
-    return f"the digits are {','.join(digits)},{middle} so the answer is {answer}.</think>\\boxed{{{answer}}}"
+def _listing(letter: str, digits: str) -> str:
+    """The teacher's words for a digit task: the digits, each step's digits, the answer."""
+    text = f"the digits are {','.join(digits)},"
+    for step in TASKS.get(letter, ()):
+        digits = STEPS[step](digits)
+        text += f" {step} {','.join(digits)},"
+    return f"{text} so the answer is {digits}.</think>\\boxed{{{digits}}}"
+
+
+def warmstart_recipe() -> dict:
+    """What `draw_pretraining_row` draws from (part of the base's cache key)."""
+    return {"tasks": {letter: list(steps) for letter, steps in TASKS.items()}, "weights": TASK_WEIGHTS,
+            "copy_letters": COPY_LETTERS, "lengths": list(TASK_LENGTHS)}
 
 
 def draw_pretraining_row(rng: random.Random) -> dict:
@@ -156,7 +180,7 @@ def _problems(level: int, cfg: ToyWorld2Config) -> list[str]:
 
 def answer_of(problem: str, level: int) -> str:
     if level == 4:
-        return problem[1:][::-1]
+        return _task_answer(problem[0], problem[1:])
     return str(sum(int(x) for x in problem.split("+")))
 
 

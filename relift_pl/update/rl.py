@@ -161,6 +161,9 @@ def rl_update(
                 off_share = off_tokens[rows, :width].sum() / num_off_tokens.clamp(min=1) * share
                 for key in _OFF_POLICY_MEANS:
                     metrics.add(f"luffy/{key}", parts[key] * off_share)
+                rows_here = parts["off_rows"] * (mb.weight > 0)  # fillers add zeros
+                metrics.add_mean("luffy/min_token_logprob", parts["min_token_logprob_sum"] * (mb.weight > 0), rows_here)
+                metrics.add_mean("luffy/min_token_weight", parts["min_token_weight_sum"] * (mb.weight > 0), rows_here)
             if mb.weight:
                 trainer_old[rows, :width] = old
                 if is_weights is not None:

@@ -108,6 +108,10 @@ def test_luffy_metrics_are_logged(luffy_run):
         assert 0 < logged["luffy/off_policy_prob"] < 1
         assert 0 < logged["luffy/shaped_prob"] < 1 / 1.1
         assert logged["train/demos_used_frac"] > 0
+        # Each demonstration's least likely token: a log-prob below the token mean's log, and
+        # the shaping weight gamma p / (p + gamma)^2 <= 1/4 (its value at p = gamma) there.
+        assert logged["luffy/min_token_logprob"] < math.log(logged["luffy/off_policy_prob"])
+        assert 0 < logged["luffy/min_token_weight"] <= 0.25
 
 
 class WrongAnswers(L.Callback):
@@ -149,7 +153,8 @@ def test_update_and_metrics_do_not_depend_on_micro_batching(tmp_path):
               "algorithm.rl_optimizer.weight_decay=0", "algorithm.rl_grad_clip=1e9"]
     whole, whole_steps = _run(tmp_path / "a", *common, "algorithm.micro_batch_size=16")
     split, split_steps = _run(tmp_path / "b", *common, "algorithm.micro_batch_size=3")
-    for key in ("rl/loss", "luffy/off_policy_prob", "luffy/shaped_prob", "luffy/off_policy_token_frac"):
+    for key in ("rl/loss", "luffy/off_policy_prob", "luffy/shaped_prob", "luffy/off_policy_token_frac",
+                "luffy/min_token_logprob", "luffy/min_token_weight"):
         assert split_steps.metrics[0][key] == pytest.approx(whole_steps.metrics[0][key], rel=1e-5)
     for a, b in zip(whole.policy.parameters(), split.policy.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

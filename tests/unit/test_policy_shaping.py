@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from relift_pl.algorithms import PolicyGradientLoss, group_advantages, policy_shaping
+from relift_pl.algorithms.losses import shaping_weight
 
 PROBS = torch.tensor([[1.0, 0.1, 0.01]])
 
@@ -113,3 +114,25 @@ def test_advantages_over_the_mixed_group_by_hand():
     scaled = group_advantages(rewards, group_size=4, scale_by_std=True)
     torch.testing.assert_close(scaled[4:8], torch.tensor([-0.5, -0.5, -0.5, 1.5]), atol=1e-5, rtol=0)
     assert math.isclose(float(scaled[8:].abs().sum()), 0.0)
+
+
+def test_shaping_weight_is_the_gradient_by_hand():
+    # gamma p / (p + gamma)^2 at p = 1, 0.1, 0.01 (as the autograd gradient above); no shaping: p.
+    torch.testing.assert_close(shaping_weight(PROBS.log(), 0.1), torch.tensor([[0.1 / 1.21, 0.25, 0.1 / 1.21]]))
+    torch.testing.assert_close(shaping_weight(PROBS.log(), None), PROBS)
+    # A key token at p = 1e-7 is pushed with weight ~1e-6, where SFT pushes every token with 1.
+    assert shaping_weight(torch.tensor(1e-7).log(), 0.1).item() == pytest.approx(1e-6, rel=1e-5)
+
+
+def test_each_demonstrations_least_likely_token_by_hand():
+    # Two demonstration rows (their masked tokens: p = 0.5, 0.01, 0.2 | 0.3, 0.3) and a sampled
+    # row with a lower p (0.001) that must not count; row 1's padded position (p = 1e-9) neither.
+    logprobs = torch.tensor([[0.5, 0.01, 0.2], [0.3, 0.3, 1e-9], [0.001, 0.5, 0.5]]).log()
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    off = torch.tensor([True, True, False])
+    loss_fn = PolicyGradientLoss(agg_mode="token_mean", entropy_coef=0.0, shaping_gamma=0.1)
+    _, m = loss_fn(logprobs, logprobs, torch.ones(3), mask, off_policy=off)
+    assert m["off_rows"] == 2
+    assert m["min_token_logprob_sum"].item() == pytest.approx(math.log(0.01) + math.log(0.3), rel=1e-5)
+    weight = 0.1 * 0.01 / 0.11**2 + 0.1 * 0.3 / 0.4**2
+    assert m["min_token_weight_sum"].item() == pytest.approx(weight, rel=1e-5)

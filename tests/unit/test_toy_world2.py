@@ -41,14 +41,23 @@ def test_splits_are_disjoint_and_cover_level_4():
     assert len(train | val | test) == 9 * 8 * 7 * 6  # 4 distinct digits 1-9, ordered
 
 
-def test_level_4_reverses_distinct_digits_and_no_copy_hits_it():
+def test_level_4_is_backwards_then_without_the_first_and_no_copy_hits_it():
     for row in world2.level_pool("val", 4):
         digits = row["problem"][1:]
         assert row["problem"][0] == "R" and len(set(digits)) == 4 and "0" not in digits
-        assert row["answer"] == digits[::-1] != digits
+        back = digits[::-1]
+        assert row["answer"] == back[1:] and row["answer"] not in digits
         assert row["demonstration"] == (
-            f"the digits are {','.join(digits)}, backwards {','.join(digits[::-1])}, "
-            f"so the answer is {digits[::-1]}.</think>\\boxed{{{digits[::-1]}}}")
+            f"the digits are {','.join(digits)}, backwards {','.join(back)}, without the first "
+            f"{','.join(back[1:])}, so the answer is {back[1:]}.</think>\\boxed{{{back[1:]}}}")
+    assert world2.answer_of("R4831", 4) == "384"
+
+
+def test_the_warm_start_chains_every_pair_of_steps_but_level_4s():
+    pairs = {steps for letter, steps in world2.TASKS.items() if len(steps) == 2 and letter != "R"}
+    every = {(a, b) for a in world2.STEPS for b in world2.STEPS if a != b}
+    assert every - pairs == {world2.TASKS["R"]} == {("backwards", "without the first")}
+    assert not set(world2.TASKS) & set(world2.COPY_LETTERS)
 
 
 def test_verbose_and_terse_arithmetic():
@@ -88,14 +97,21 @@ def test_digit_tasks_of_the_warm_start():
     rng = random.Random(0)
     rows = [world2.draw_pretraining_row(rng) for _ in range(2000)]
     letters = {r["problem"][0] for r in rows}
-    assert "R" not in letters and {"B", "D", "T"} <= letters and len(letters) > 20
+    assert "R" not in letters and set("BDTKMPWF") <= letters and len(letters) > 20
+    back, drop, rotate = (lambda d: d[::-1]), (lambda d: d[1:]), (lambda d: d[1:] + d[0])
+    by_hand = {"B": back, "D": drop, "T": rotate, "K": lambda d: rotate(back(d)),
+               "M": lambda d: back(drop(d)), "P": lambda d: back(rotate(d)),
+               "W": lambda d: rotate(drop(d)), "F": lambda d: drop(rotate(d))}
     for r in rows:
         letter, digits = r["problem"][0], r["problem"][1:]
-        expected = {"B": digits[::-1], "D": digits[1:], "T": digits[1:] + digits[0]}.get(letter, digits)
+        expected = by_hand.get(letter, lambda d: d)(digits)
         assert r["answer"] == expected and 3 <= len(digits) <= 5 and len(set(digits)) == len(digits)
         assert r["demonstration"].endswith(f"so the answer is {expected}.</think>\\boxed{{{expected}}}")
-    copies = sum(r["problem"][0] not in "BDT" for r in rows) / len(rows)
-    assert 0.35 < copies < 0.45  # weight 2 of 5
+    # Two steps are written out one after the other: M4831 drops, then reverses the rest.
+    assert world2._listing("M", "4831") == ("the digits are 4,8,3,1, without the first 8,3,1, backwards "
+                                            "1,3,8, so the answer is 138.</think>\\boxed{138}")
+    copies = sum(r["problem"][0] not in "BDTKMPWF" for r in rows) / len(rows)
+    assert 0.24 < copies < 0.34  # weight 2 of 7
 
 
 def test_task_fraction_keeps_the_first_worlds_key_and_mixes_digit_tasks(tmp_path, monkeypatch):

@@ -1,0 +1,50 @@
+"""The shipped toy bases: pinned by hash, loaded by the default run, and scoring what the README's
+quickstart table says before training (the evaluation is seeded: its scores fingerprint a base)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import compose_cfg
+from hydra.utils import instantiate
+
+from callbacks.evaluation import BenchmarkEvaluation
+from relift_pl.study.stats import accuracy
+from relift_pl.toy.shipped import SHIPPED_DIR, WEIGHTS_FILE, sha256, verify_shipped
+from relift_pl.train import build
+
+WEIGHTS_SHA256 = {
+    "tiny": "903a4d8d6f178fb44ede57a80e4f463a08540a1a2c7b4aef42df5a7d3cf5e057",  # experiment=toy
+    "tiny2": "3a1b8807a6df2fb1f502380a835cf195224cf99b1376d5e2c2e12930081aa6a1",  # the default
+}
+# The default run's step-0 evaluation (python train.py: test split, avg@4 at T=1, %), as the
+# README's quickstart table prints it in its "before" column.
+STEP0 = {"level1": 100.0, "level2": 98.05, "level3": 46.48, "level4": 0.0}
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTS_SHA256))
+def test_shipped_weights_are_pinned(name):
+    assert sha256(SHIPPED_DIR / name / WEIGHTS_FILE) == WEIGHTS_SHA256[name]
+    verify_shipped(SHIPPED_DIR / name)  # every file against SHA256SUMS
+
+
+def test_the_default_run_loads_the_shipped_base_and_scores_its_step_0(tmp_path):
+    cfg = compose_cfg(["num_threads=1", "logger=csv"], output_dir=tmp_path)
+    assert str(instantiate(cfg.model.build)()) == str(SHIPPED_DIR / "tiny2")
+    trainer, module, datamodule = build(cfg)
+    evaluation = next(c for c in trainer.callbacks if isinstance(c, BenchmarkEvaluation))
+    module.trainer = trainer
+    module.setup("validate")
+    datamodule.setup_eval_sets()
+    try:
+        scores = evaluation.evaluate(module, datamodule.eval_sets)
+    finally:
+        module.teardown("validate")
+    measured = accuracy({s.name: {"correct": s.per_problem} for s in scores}, list(STEP0))
+    # Another CPU's float kernels can flip a rare sample: allow one of level 1's 184 (46 x 4).
+    for level, expected in STEP0.items():
+        assert measured[level] * 100 == pytest.approx(expected, abs=100 / (4 * 46)), (level, measured)
+
+
+def test_the_first_worlds_run_loads_its_shipped_base():
+    cfg = compose_cfg(["experiment=toy"])
+    assert str(instantiate(cfg.model.build)()) == str(SHIPPED_DIR / "tiny")
