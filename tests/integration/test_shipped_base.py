@@ -4,10 +4,10 @@ quickstart table says before training (the evaluation is seeded: its scores fing
 from __future__ import annotations
 
 import pytest
-from conftest import compose_cfg
 from hydra.utils import instantiate
 
 from callbacks.evaluation import BenchmarkEvaluation
+from conftest import compose_cfg
 from relift_pl.study.stats import accuracy
 from relift_pl.toy.shipped import SHIPPED_DIR, WEIGHTS_FILE, sha256, verify_shipped
 from relift_pl.train import build
