@@ -444,6 +444,7 @@ class ReLIFTModule(L.LightningModule):
             "demos_used": sorted(self.demos_used),
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": dict(self.consecutive_skips),
+            "mismatch_strikes": self.mismatch_strikes,
             "weights_version": self.weights_version,
             "buffer": self.buffer.state_dict(),
             "time_totals": dict(self.time_totals),
@@ -460,6 +461,7 @@ class ReLIFTModule(L.LightningModule):
         self.skipped_steps = state["skipped_steps"]
         skips = state["consecutive_skips"]  # an int in checkpoints from before the per-optimizer count
         self.consecutive_skips = dict(skips) if isinstance(skips, dict) else {"rl": skips, "sft": skips}
+        self.mismatch_strikes = state.get("mismatch_strikes", 0)  # absent in older checkpoints
         self.weights_version = state["weights_version"]
         self.buffer.load_state_dict(state["buffer"])
         self.time_totals = dict(state.get("time_totals", {}))  # absent in older checkpoints
