@@ -79,15 +79,19 @@ class PreemptionCheckpoint(L.Callback):
         return float(all_reduce_sum(flag)) > 0
 
     def on_train_batch_start(self, trainer: L.Trainer, module, *args) -> None:
-        # A signal that came before this step (during setup or an evaluation): stop before it.
+        # A signal that came before this step (during setup or after the last step's end): stop
+        # before it.
         if not module.preempted and self.stop_agreed(module):
-            self._save_and_stop(trainer, module)
+            self.save_and_stop(trainer, module)
 
     def on_train_batch_end(self, trainer: L.Trainer, module, *args) -> None:
         if self.stop_agreed(module):
-            self._save_and_stop(trainer, module)
+            self.save_and_stop(trainer, module)
 
-    def _save_and_stop(self, trainer: L.Trainer, module) -> None:
+    def save_and_stop(self, trainer: L.Trainer, module) -> None:
+        """Writes ``preempted.ckpt`` (every rank calls it) and stops the run; once per run."""
+        if module.preempted:
+            return
         self.saved_path = self.dirpath / "preempted.ckpt"
         trainer.save_checkpoint(self.saved_path, weights_only=False)  # everything, to resume
         module.preempted = True  # the module skips any further step

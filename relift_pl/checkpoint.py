@@ -83,9 +83,11 @@ class TrainingStepCheckpoint(ModelCheckpoint):
     - ``export_hf``: the final policy is also written as a Hugging Face model directory
       ``<export_dir>/final_model`` and, when a monitored checkpoint becomes the best,
       ``<export_dir>/best_model``.
-    - Nothing is saved at epoch ends. A preempted step is saved once, as ``preempted.ckpt``; the
-      run that resumes it past ``max_steps`` does the final step's saving and export at its end
-      (``on_train_end``), while a finished run resumed for nothing rewrites nothing.
+    - Checkpoint names count training steps too (``{step}`` is ``module.step_count``).
+    - Nothing is saved at epoch ends. A preempted step is saved once, as ``preempted.ckpt``,
+      before its saves; the run that resumes it does them first (``on_train_start``, after the
+      evaluation callback has redone the step's evaluation), the final step's export included,
+      while a finished run resumed for nothing rewrites nothing.
     - ``save_last=link`` is refused: a later top-k save deletes the file the link points to.
 
     Args:
@@ -109,11 +111,21 @@ class TrainingStepCheckpoint(ModelCheckpoint):
         self.export_dir = Path(export_dir) if export_dir else None
         self.export_dtype = export_dtype
         self._last_step_saved = -1
+        # The step whose saves were done when the checkpoint this run resumed from was written.
+        self._resumed_saved_step: int | None = None
 
     def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
         step = pl_module.step_count
         if pl_module.preempted or step == self._last_step_saved or trainer.sanity_checking:
             return  # (Lightning's own skip test compares global_step, which a skipped step keeps)
+        self._save(trainer, pl_module, final=step >= pl_module.max_steps)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        # Resumed from a checkpoint written before its step's saves (preempted.ckpt): do them now.
+        step = pl_module.step_count
+        if pl_module.preempted or step == 0 or self._resumed_saved_step in (None, step):
+            return
         self._save(trainer, pl_module, final=step >= pl_module.max_steps)
 
     def _save(self, trainer, pl_module, final: bool) -> None:
@@ -122,17 +134,31 @@ class TrainingStepCheckpoint(ModelCheckpoint):
         periodic = n >= 1 and step % n == 0
         candidates = self._monitor_candidates(trainer)
         best_before = self.best_model_path
+        self._last_step_saved = step  # before the saves: the files written here record it
         if self._evaluated_at(trainer, step) if self._follows_evaluation else periodic:
             self._save_topk_checkpoint(trainer, candidates)
         if periodic or final:
             self._save_last_checkpoint(trainer, candidates)
-        self._last_step_saved = step
         if not self.export_hf:
             return
         if self.monitor is not None and self.best_model_path != best_before:
             self._export(trainer, pl_module, "best_model")
         if final:
             self._export(trainer, pl_module, "final_model")
+
+    def _monitor_candidates(self, trainer) -> dict[str, torch.Tensor]:
+        # "{step}" in file names: the training step (Lightning's is global_step, which counts RL
+        # and SFT optimizer steps and is all a resume that takes no step would have).
+        candidates = super()._monitor_candidates(trainer)
+        candidates["step"] = torch.tensor(trainer.lightning_module.step_count)
+        return candidates
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "last_step_saved": self._last_step_saved}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._resumed_saved_step = state_dict.get("last_step_saved")  # absent in older checkpoints
 
     @property
     def _follows_evaluation(self) -> bool:
@@ -161,9 +187,9 @@ class TrainingStepCheckpoint(ModelCheckpoint):
         pass
 
     def on_train_end(self, trainer, pl_module) -> None:
-        # A run resumed from a checkpoint of its final step (preempted there) took no step: its
-        # final saves and export were skipped then, so they happen now, after the evaluation
-        # callback's final evaluation. A finished run resumed again finds them done.
+        # A run resumed at its final step from a checkpoint that does not say whether that step's
+        # saves were done (older checkpoints; or killed during the export): done now unless the
+        # files show them done. A finished run resumed again finds them done.
         step = pl_module.step_count
         if pl_module.preempted or step < pl_module.max_steps or step == self._last_step_saved:
             return

@@ -448,8 +448,9 @@ class ReLIFTModule(L.LightningModule):
             "weights_version": self.weights_version,
             "buffer": self.buffer.state_dict(),
             "time_totals": dict(self.time_totals),
-            # Every rank's streams (rank 0 writes the file): ranks must not resume identical.
-            "rng": all_gather_objects([rng_state()]),
+            # Every rank's streams (rank 0 writes the file): ranks must not resume identical. A
+            # save before the first step of a resume holds the streams that step will start from.
+            "rng": all_gather_objects([self._pending_rng_state or rng_state()]),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -142,6 +142,9 @@ def test_a_run_preempted_in_its_last_step_is_finished_by_its_resume(tmp_path):
                              "callbacks.evaluation.after_training=true", "ckpt_path=last"], output_dir=out))
     assert again.module.step_count == 2 and again.module.rl_step == 2
     assert _step_of(folder / "last.ckpt") == 2
+    # Named by the training step, not by Lightning's global_step (RL + SFT optimizer steps).
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-000001.ckpt", "step-000002.ckpt"]
+    assert _step_of(folder / "step-000002.ckpt") == 2
     assert (out / "final_model" / "model.safetensors").exists()
     assert _trained_steps(out) == [1, 2]  # the resume logs only an evaluation: step 2's row stays
 
@@ -151,3 +154,72 @@ def test_linking_last_to_a_top_k_file_is_refused():
 
     with pytest.raises(ValueError, match="save_last=link is not supported"):
         TrainingStepCheckpoint(dirpath="/tmp/unused", save_last="link")
+
+
+class SignalInEvaluation(L.Callback):
+    """Delivers a SIGTERM during the evaluation that follows the given training step (at its
+    first generate call; the evaluation notices it before its next one)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.armed = step, False
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        self.armed = module.step_count == self.step
+
+    def on_before_rollout(self, trainer, module) -> None:
+        if self.armed:
+            self.armed = False
+            preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint))
+            preemption.received = signal.SIGTERM
+
+
+EVAL_EVERY_2 = [
+    *RUN, "max_steps=4", "callbacks.checkpoint.every_n_train_steps=1",
+    "callbacks.evaluation.every_n_steps=2", "callbacks.evaluation.after_training=true",
+    "callbacks.checkpoint.monitor=val/avg", "callbacks.checkpoint.save_top_k=1",
+    "callbacks.checkpoint.filename='best-{step:.0f}'", "callbacks.checkpoint.export_hf=false",
+]
+
+
+def _evaluations(out) -> dict[int, float]:
+    """step -> val/avg, from the run's metrics.csv."""
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        return {int(float(r["step"])): float(r["val/avg"]) for r in csv.DictReader(f) if r.get("val/avg")}
+
+
+def _per_problem(out) -> list[dict]:
+    """Every evaluation's per-problem lines (scores and response lengths), in step order."""
+    lines = [json.loads(line) for line in (out / "eval" / "per_problem.jsonl").read_text().splitlines()]
+    return sorted(lines, key=lambda line: (line["step"], line["set"]))
+
+
+@pytest.fixture(scope="module")
+def evaluated_every_2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight_eval")
+    result = fit(compose_cfg(EVAL_EVERY_2, output_dir=out))
+    return result, out
+
+
+@pytest.mark.parametrize("signal_at", [SignalAtStep(2), SignalInEvaluation(2)], ids=["step", "evaluation"])
+def test_a_preemption_at_an_evaluation_step_is_evaluated_by_the_resume(evaluated_every_2, tmp_path, signal_at):
+    straight, straight_out = evaluated_every_2
+    out = tmp_path / "run"
+    trainer, module, datamodule = build(compose_cfg(EVAL_EVERY_2, output_dir=out))
+    trainer.callbacks.insert(0, signal_at)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        module.teardown("fit")
+    assert module.preempted and _step_of(out / "checkpoints" / "preempted.ckpt") == 2
+    resumed = fit(compose_cfg([*EVAL_EVERY_2, "ckpt_path=last"], output_dir=out))
+    # The interrupted evaluation of step 2 runs first: the straight run's scores and per-problem
+    # lines (response lengths included), and its candidacy for the best checkpoint.
+    assert sorted(_evaluations(out)) == [2, 4]
+    assert _evaluations(out) == _evaluations(straight_out)
+    assert _per_problem(out) == _per_problem(straight_out)
+    best, straight_best = resumed.trainer.checkpoint_callback, straight.trainer.checkpoint_callback
+    assert float(best.best_model_score) == float(straight_best.best_model_score)
+    assert _step_of(best.best_model_path) == _step_of(straight_best.best_model_path)
+    # The same checkpoint files as the straight run's (and preempted.ckpt).
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == sorted([*(p.name for p in (straight_out / "checkpoints").iterdir()), "preempted.ckpt"])
