@@ -220,6 +220,9 @@ def test_a_preemption_at_an_evaluation_step_is_evaluated_by_the_resume(evaluated
     best, straight_best = resumed.trainer.checkpoint_callback, straight.trainer.checkpoint_callback
     assert float(best.best_model_score) == float(straight_best.best_model_score)
     assert _step_of(best.best_model_path) == _step_of(straight_best.best_model_path)
+    # ... written by the resume before its first step: the random streams that step starts from.
+    ours, theirs = (torch.load(c.best_model_path, weights_only=False)["relift"]["rng"] for c in (best, straight_best))
+    assert torch.equal(ours[0]["torch"], theirs[0]["torch"]) and ours[0]["python"] == theirs[0]["python"]
     # The same checkpoint files as the straight run's (and preempted.ckpt).
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == sorted([*(p.name for p in (straight_out / "checkpoints").iterdir()), "preempted.ckpt"])
