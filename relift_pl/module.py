@@ -21,7 +21,6 @@ Deviations from the reference (verl) implementation, all deliberate:
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -38,7 +37,12 @@ from relift_pl.algorithms.mismatch import check_logprob_bound, resolve_logprob_b
 from relift_pl.buffer import DemonstrationBuffer, demo_row
 from relift_pl.checkpoint import rng_state, set_rng_state
 from relift_pl.config import AlgorithmConfig
-from relift_pl.distributed import all_gather_objects, world_size_and_rank
+from relift_pl.distributed import (
+    all_gather_objects,
+    every_rank_state,
+    own_rank_state,
+    world_size_and_rank,
+)
 from relift_pl.metrics import StepMetrics
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from relift_pl.step_report import log_step, rollout_metrics, step_metrics
@@ -46,8 +50,6 @@ from relift_pl.stop_tokens import stop_token_ids
 from relift_pl.update import rl_update, sft_update
 from relift_pl.update.common import move_optimizer_state
 from relift_pl.update.mixing import mix_demonstrations
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -448,9 +450,9 @@ class ReLIFTModule(L.LightningModule):
             "weights_version": self.weights_version,
             "buffer": self.buffer.state_dict(),
             "time_totals": dict(self.time_totals),
-            # Every rank's streams (rank 0 writes the file): ranks must not resume identical. A
-            # save before the first step of a resume holds the streams that step will start from.
-            "rng": all_gather_objects([self._pending_rng_state or rng_state()]),
+            # Every rank's streams: ranks must not resume identical. A save before the first
+            # step of a resume holds the streams that step will start from.
+            "rng": every_rank_state(self._pending_rng_state or rng_state()),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -483,12 +485,6 @@ class ReLIFTModule(L.LightningModule):
 
 def _rank_rng_state(saved: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any] | None:
     """This rank's RNG state from a checkpoint: one state per rank (a list), or a single state
-    (older checkpoints). A rank the checkpoint did not have (more ranks now) keeps the streams
-    ``setup()`` seeded for it."""
-    if isinstance(saved, dict):
-        return saved
-    world, rank = world_size_and_rank()
-    if len(saved) != world:
-        log.warning("the checkpoint holds the random streams of %d ranks, this run has %d: "
-                    "ranks beyond them keep their seed + rank streams", len(saved), world)
-    return saved[rank] if rank < len(saved) else None
+    (older checkpoints). A rank the checkpoint did not have keeps the streams ``setup()`` seeded
+    for it (``seed + rank``)."""
+    return saved if isinstance(saved, dict) else own_rank_state(saved, "random streams")
