@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 
-import lightning as L
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from callbacks.preemption import PreemptionCheckpoint
 from conftest import compose_cfg
 from relift_pl.train import build, fit
+from tests_helpers import SigtermAt
 from toy_overrides import QUICK_TOY
 
 RUN = [
@@ -113,23 +111,11 @@ def test_best_checkpoint_is_chosen_on_a_fresh_evaluation(tmp_path):
     assert (out / "final_model" / "model.safetensors").exists()
 
 
-class SignalAtStep(L.Callback):
-    """Delivers a SIGTERM to the preemption callback during the given training step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_rl_step_end(self, trainer, module, record) -> None:
-        if module.step_count + 1 == self.step:
-            preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint))
-            preemption.received = signal.SIGTERM
-
-
 def test_a_run_preempted_in_its_last_step_is_finished_by_its_resume(tmp_path):
     out = tmp_path / "run"
     cfg = compose_cfg([*RUN, "max_steps=2", "callbacks.checkpoint.every_n_train_steps=1"], output_dir=out)
     trainer, module, datamodule = build(cfg)
-    trainer.callbacks.append(SignalAtStep(2))
+    trainer.callbacks.append(SigtermAt(2))
     try:
         trainer.fit(module, datamodule=datamodule)
     finally:
@@ -156,28 +142,12 @@ def test_linking_last_to_a_top_k_file_is_refused():
         TrainingStepCheckpoint(dirpath="/tmp/unused", save_last="link")
 
 
-class SignalInEvaluation(L.Callback):
-    """Delivers a SIGTERM during the evaluation that follows the given training step (at its
-    first generate call; the evaluation notices it before its next one)."""
-
-    def __init__(self, step: int) -> None:
-        self.step, self.armed = step, False
-
-    def on_train_batch_end(self, trainer, module, *args) -> None:
-        self.armed = module.step_count == self.step
-
-    def on_before_rollout(self, trainer, module) -> None:
-        if self.armed:
-            self.armed = False
-            preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint))
-            preemption.received = signal.SIGTERM
-
-
 EVAL_EVERY_2 = [
     *RUN, "max_steps=4", "callbacks.checkpoint.every_n_train_steps=1",
     "callbacks.evaluation.every_n_steps=2", "callbacks.evaluation.after_training=true",
     "callbacks.checkpoint.monitor=val/avg", "callbacks.checkpoint.save_top_k=1",
     "callbacks.checkpoint.filename='best-{step:.0f}'", "callbacks.checkpoint.export_hf=false",
+    "reward._target_=stub_rewards.HashReward",  # scores that are not all 0
 ]
 
 
@@ -200,12 +170,12 @@ def evaluated_every_2(tmp_path_factory):
     return result, out
 
 
-@pytest.mark.parametrize("signal_at", [SignalAtStep(2), SignalInEvaluation(2)], ids=["step", "evaluation"])
-def test_a_preemption_at_an_evaluation_step_is_evaluated_by_the_resume(evaluated_every_2, tmp_path, signal_at):
+@pytest.mark.parametrize("in_evaluation", [False, True], ids=["step", "evaluation"])
+def test_a_preemption_at_an_evaluation_step_is_evaluated_by_the_resume(evaluated_every_2, tmp_path, in_evaluation):
     straight, straight_out = evaluated_every_2
     out = tmp_path / "run"
     trainer, module, datamodule = build(compose_cfg(EVAL_EVERY_2, output_dir=out))
-    trainer.callbacks.insert(0, signal_at)
+    trainer.callbacks.append(SigtermAt(2, in_evaluation))
     try:
         trainer.fit(module, datamodule=datamodule)
     finally:
