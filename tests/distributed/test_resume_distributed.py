@@ -3,10 +3,12 @@ run ends, with the same logged metrics, and saving a checkpoint changes nothing.
 
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from test_multiprocess import assert_same_params, run_worker  # noqa: E402
@@ -35,3 +37,62 @@ def test_random_buffer_resumes_every_ranks_own_draws(tmp_path):
         assert ours["buffer"] == theirs["buffer"]
         assert (ours["sft_step"], ours["mining"]) == (theirs["sft_step"], theirs["mining"])
         assert_same_params(ours["state"], theirs["state"])
+
+
+# FSDP2, evaluated before training, every 2 steps and at the end, a checkpoint after every step.
+FSDP2 = [*QUICK_TOY, STUB_REWARD, "trainer=fsdp", "logger=csv", "max_steps=4",
+         "algorithm.buffer_threshold=2", "callbacks.evaluation.every_n_steps=2",
+         "callbacks.checkpoint.every_n_train_steps=1"]
+
+
+def _sigterm_in_evaluation(step: int) -> list[str]:
+    return ["+callbacks.sigterm._target_=tests_helpers.SigtermAt", f"+callbacks.sigterm.step={step}",
+            "+callbacks.sigterm.in_evaluation=true"]
+
+
+def _logged(out: Path) -> dict[int, dict[str, str]]:
+    """metrics.csv by step, without the timings (wall-clock numbers)."""
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_step: dict[int, dict[str, str]] = {}
+    for row in rows:
+        values = {k: v for k, v in row.items() if v != "" and not k.startswith(("timing/", "perf/"))}
+        by_step.setdefault(int(float(row["step"])), {}).update(values)
+    return by_step
+
+
+def _step_count(checkpoint: Path) -> int:
+    return torch.load(checkpoint / "meta.pt", weights_only=False)["relift"]["step_count"]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2_straight")
+    return out, run_worker(out, FSDP2)
+
+
+def test_fsdp2_saving_checkpoints_changes_nothing(fsdp2_straight, tmp_path):
+    # A save gave an optimizer without state a placeholder one (torch's get_optimizer_state_dict
+    # steps it at lr 0: AdamW step 1), so its first real step ran as its second.
+    _, every_step = fsdp2_straight
+    at_the_end = run_worker(tmp_path, [*FSDP2, "callbacks.checkpoint.every_n_train_steps=0"])
+    assert every_step[0]["sft_step"] >= 1
+    assert_same_params(at_the_end[0]["state"], every_step[0]["state"])
+
+
+def test_fsdp2_run_preempted_in_each_evaluation_resumes_exactly(fsdp2_straight, tmp_path):
+    # SIGTERM during the evaluations of steps 0, 2 and 4 (the last), each run resumed with
+    # ckpt_path=last: the same parameters, metrics.csv rows, evaluations and per-problem lines
+    # as one straight run.
+    straight_out, straight = fsdp2_straight
+    out = tmp_path / "run"
+    for step in (0, 2, 4):
+        resume = ["ckpt_path=last"] if step else []
+        run_worker(out, [*FSDP2, *_sigterm_in_evaluation(step), *resume])
+        assert _step_count(out / "checkpoints" / "preempted.ckpt") == step
+    resumed = run_worker(out, [*FSDP2, "ckpt_path=last"])
+    assert (resumed[0]["rl_step"], resumed[0]["sft_step"]) == (straight[0]["rl_step"], straight[0]["sft_step"])
+    for ours, theirs in zip(resumed, straight, strict=True):
+        assert_same_params(ours["state"], theirs["state"])
+    assert _logged(out) == _logged(straight_out)
+    assert (out / "eval" / "per_problem.jsonl").read_text() == (straight_out / "eval" / "per_problem.jsonl").read_text()
