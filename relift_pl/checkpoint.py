@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
+import logging
 import os
 import random
 import zipfile
@@ -15,6 +18,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 RESUMABLE_NAMES = ("preempted.ckpt", "last.ckpt")
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -220,47 +224,114 @@ def check_checkpoint_file(path: str | Path) -> Path:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise ValueError(
-            f"checkpoint {path} is truncated or corrupted ({err}); resume from an earlier one "
-            "with ckpt_path=<path> (see the checkpoints/ folder)"
-        ) from err
+        raise ValueError(f"checkpoint {path} is truncated or corrupted ({err}); {_RESUME_EARLIER}") from err
     if bad is not None:
-        raise ValueError(f"checkpoint {path} is corrupted (bad member {bad}); resume from an earlier one")
+        raise ValueError(f"checkpoint {path} is corrupted (bad member {bad}); {_RESUME_EARLIER}")
     return path
+
+
+_RESUME_EARLIER = "resume from an earlier one with ckpt_path=<path> (see the checkpoints/ folder)"
 
 
 def _check_checkpoint_folder(path: Path) -> Path:
     """A sharded checkpoint is complete when its DCP metadata (written last, after every shard)
-    and Lightning's ``meta.pt`` (counters, callbacks; written by rank 0) are both readable."""
+    and Lightning's ``meta.pt`` (counters, callbacks; written by rank 0) are both readable, and
+    every shard file the metadata names is there, as long as the metadata says. (Reading the
+    shards' checksums would mean reading the whole checkpoint on every rank.)"""
     from lightning.fabric.utilities.load import _METADATA_FILENAME
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
-        FileSystemReader(str(path)).read_metadata()
+        metadata = FileSystemReader(str(path)).read_metadata()
         torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
     except Exception as err:  # missing or truncated files, a half-written save
         raise ValueError(
             f"checkpoint folder {path} is incomplete or corrupted ({type(err).__name__}: {err}); "
-            "resume from an earlier one with ckpt_path=<path> (see the checkpoints/ folder)"
+            f"{_RESUME_EARLIER}"
         ) from err
+    for name, needed in sorted(_shard_sizes(metadata).items()):
+        shard = path / name
+        problem = (
+            "is missing (its metadata names it)" if not shard.is_file()
+            else f"holds {shard.stat().st_size} bytes, its metadata needs {needed}"
+            if shard.stat().st_size < needed else None
+        )  # fmt: skip
+        if problem:
+            raise ValueError(f"checkpoint folder {path} is incomplete or corrupted: {name} {problem}; {_RESUME_EARLIER}")
     return path
 
 
+def _shard_sizes(metadata) -> dict[str, int]:
+    """Each shard file a DCP metadata names -> the bytes it must hold (its last item's end)."""
+    sizes: dict[str, int] = {}
+    for item in metadata.storage_data.values():
+        sizes[item.relative_path] = max(sizes.get(item.relative_path, 0), item.offset + item.length)
+    return sizes
+
+
+def unreadable_checkpoint(path: Path, err: BaseException) -> ValueError:
+    """The one-line error for a sharded checkpoint that passed the checks above but failed to
+    load; names the shard whose checksum fails, if one does (reads every shard)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    damaged = None
+    with contextlib.suppress(Exception):  # an unreadable metadata file: the error names it
+        damaged = _first_corrupted_shard(path, FileSystemReader(str(path)).read_metadata())
+    failures = getattr(err, "failures", None)  # DCP's CheckpointException: every rank's error
+    if failures:
+        err = next(iter(failures.values()))[0]  # (exception, traceback)
+    first_line = next(iter(str(err).strip().splitlines()), "")
+    shard = f"; its shard {damaged} is corrupted (a CRC check fails)" if damaged else ""
+    return ValueError(
+        f"checkpoint folder {path} could not be loaded ({type(err).__name__}: {first_line}){shard}; "
+        f"{_RESUME_EARLIER}"
+    )
+
+
+def _first_corrupted_shard(path: Path, metadata) -> str | None:
+    """The first shard file holding an item that is not an intact zip archive (each item of a
+    DCP shard is written by ``torch.save``, whose archive has a CRC per member)."""
+    for item in sorted(metadata.storage_data.values(), key=lambda i: (i.relative_path, i.offset)):
+        with open(path / item.relative_path, "rb") as f:
+            f.seek(item.offset)
+            blob = f.read(item.length)
+        try:
+            with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+                intact = archive.testzip() is None
+        except (zipfile.BadZipFile, EOFError, ValueError, UnicodeDecodeError):
+            intact = False
+        if not intact:
+            return item.relative_path
+    return None
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
-    """``None`` -> None; ``last`` -> the newest of ``checkpoints/{preempted,last}.ckpt`` in
-    ``output_dir`` (an error if there is none); otherwise the given path. The file is checked."""
+    """``None`` -> None; ``last`` -> the newest intact one of ``checkpoints/{preempted,last}.ckpt``
+    in ``output_dir`` (a damaged newer one is passed over with a warning; an error if none is
+    left); otherwise the given path. The checkpoint is checked."""
     if ckpt_path is None:
         return None
-    if ckpt_path == "last":
-        folder = Path(output_dir) / "checkpoints"
-        found = [folder / name for name in RESUMABLE_NAMES if (folder / name).exists()]
-        if not found:
-            raise FileNotFoundError(
-                f"ckpt_path=last but {folder} holds no {' or '.join(RESUMABLE_NAMES)}; run with the "
-                "same output folder (hydra.run.dir=<the run's folder>) or give ckpt_path=<file>"
-            )
-        ckpt_path = str(max(found, key=lambda p: p.stat().st_mtime))
-    return str(check_checkpoint_file(ckpt_path))
+    if ckpt_path != "last":
+        return str(check_checkpoint_file(ckpt_path))
+    folder = Path(output_dir) / "checkpoints"
+    found = [folder / name for name in RESUMABLE_NAMES if (folder / name).exists()]
+    if not found:
+        raise FileNotFoundError(
+            f"ckpt_path=last but {folder} holds no {' or '.join(RESUMABLE_NAMES)}; run with the "
+            "same output folder (hydra.run.dir=<the run's folder>) or give ckpt_path=<file>"
+        )
+    damaged: list[ValueError] = []
+    for candidate in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            path = check_checkpoint_file(candidate)
+        except ValueError as err:
+            damaged.append(err)
+            continue
+        for err in damaged:
+            log.warning("%s; ckpt_path=last resumes from %s, the newest intact one",
+                        str(err).split(f"; {_RESUME_EARLIER}")[0], path)
+        return str(path)
+    raise damaged[0]
 
 
 def rng_state() -> dict[str, Any]:

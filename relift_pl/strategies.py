@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
+from torch.distributed.checkpoint.api import CheckpointException
 
+from relift_pl.checkpoint import unreadable_checkpoint
 from relift_pl.export import replace_dir
-
 
 # The checkpoint key listing the optimizers (by index) that had no state when it was saved.
 STATELESS_OPTIMIZERS = "relift_stateless_optimizers"
@@ -47,7 +48,10 @@ class ModelParallelStrategy(_ModelParallelStrategy):
         return state
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        metadata = super().load_checkpoint(checkpoint_path, weights_only)
+        try:
+            metadata = super().load_checkpoint(checkpoint_path, weights_only)
+        except (Exception, CheckpointException) as err:  # torch internals: one line naming the file
+            raise unreadable_checkpoint(Path(checkpoint_path), err) from err
         for index in metadata.pop(STATELESS_OPTIMIZERS, ()):
             self.optimizers[index].state.clear()
         return metadata

@@ -4,6 +4,7 @@ run ends, with the same logged metrics, and saving a checkpoint changes nothing.
 from __future__ import annotations
 
 import csv
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from test_multiprocess import assert_same_params, run_worker  # noqa: E402
+from test_multiprocess import assert_same_params, launch_worker, run_worker  # noqa: E402
 
 from toy_overrides import QUICK_TOY  # noqa: E402
 
@@ -96,3 +97,28 @@ def test_fsdp2_run_preempted_in_each_evaluation_resumes_exactly(fsdp2_straight, 
         assert_same_params(ours["state"], theirs["state"])
     assert _logged(out) == _logged(straight_out)
     assert (out / "eval" / "per_problem.jsonl").read_text() == (straight_out / "eval" / "per_problem.jsonl").read_text()
+
+
+def test_a_damaged_fsdp2_checkpoint_is_named_in_one_line(fsdp2_straight, tmp_path):
+    from relift_pl.checkpoint import check_checkpoint_file
+
+    straight_out, _ = fsdp2_straight
+    damaged = tmp_path / "checkpoints" / "last.ckpt"
+    shutil.copytree(straight_out / "checkpoints" / "last.ckpt", damaged)
+    shard = damaged / "__1_0.distcp"
+    # Truncated or missing: named before any model loads.
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(ValueError, match=r"is incomplete or corrupted: __1_0\.distcp holds \d+ bytes"):
+        check_checkpoint_file(damaged)
+    shard.unlink()
+    with pytest.raises(ValueError, match=r"is incomplete or corrupted: __1_0\.distcp is missing"):
+        check_checkpoint_file(damaged)
+    # Corrupted with its size intact (an archive header zeroed): the load fails on both ranks with
+    # one line naming the shard.
+    shard.write_bytes(bytes(64) + intact[64:])
+    proc = launch_worker(tmp_path / "resumed", [*FSDP2, f"ckpt_path={damaged}"])
+    assert proc.returncode != 0
+    expected = (f"checkpoint folder {damaged} could not be loaded (")
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    assert "its shard __1_0.distcp is corrupted (a CRC check fails); resume from an earlier one" in proc.stderr
