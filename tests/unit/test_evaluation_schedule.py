@@ -138,7 +138,7 @@ def test_a_preemption_signal_stops_an_evaluation_between_generate_calls(trainer,
 
     def counted(*args, **kwargs):
         calls.append(1)
-        preemption.received = signal.SIGTERM  # the signal lands during the first call
+        preemption.latch.received = signal.SIGTERM  # the signal lands during the first call
         return generate(*args, **kwargs)
 
     module.generate = counted
