@@ -57,7 +57,8 @@ class ModelParallelStrategy(_ModelParallelStrategy):
         return metadata
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any = None) -> None:
-        checkpoint[STATELESS_OPTIMIZERS] = sorted(self._stateless_at_save)
+        # Still stateless now (a state dict taken for anything but this save must not count).
+        checkpoint[STATELESS_OPTIMIZERS] = sorted(i for i in self._stateless_at_save if not self.optimizers[i].state)
         self._stateless_at_save = set()
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
