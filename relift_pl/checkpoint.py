@@ -236,37 +236,38 @@ _RESUME_EARLIER = "resume from an earlier one with ckpt_path=<path> (see the che
 def _check_checkpoint_folder(path: Path) -> Path:
     """A sharded checkpoint is complete when its DCP metadata (written last, after every shard)
     and Lightning's ``meta.pt`` (counters, callbacks; written by rank 0) are both readable, and
-    every shard file the metadata names is there, as long as the metadata says. (Reading the
-    shards' checksums would mean reading the whole checkpoint on every rank.)"""
+    every shard file the metadata names is there, as long as it says. (Checking the shards'
+    checksums would mean reading the whole checkpoint on every rank: done only after a failed
+    load, :func:`unreadable_checkpoint`.)"""
     from lightning.fabric.utilities.load import _METADATA_FILENAME
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
-        metadata = FileSystemReader(str(path)).read_metadata()
+        FileSystemReader(str(path)).read_metadata()
         torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+        missing = missing_shards(path)
+        if missing:
+            raise FileNotFoundError(f"no shard files {', '.join(missing[:4])}")
     except Exception as err:  # missing or truncated files, a half-written save
         raise ValueError(
             f"checkpoint folder {path} is incomplete or corrupted ({type(err).__name__}: {err}); "
             f"{_RESUME_EARLIER}"
         ) from err
-    for name, needed in sorted(_shard_sizes(metadata).items()):
-        shard = path / name
-        problem = (
-            "is missing (its metadata names it)" if not shard.is_file()
-            else f"holds {shard.stat().st_size} bytes, its metadata needs {needed}"
-            if shard.stat().st_size < needed else None
-        )  # fmt: skip
-        if problem:
-            raise ValueError(f"checkpoint folder {path} is incomplete or corrupted: {name} {problem}; {_RESUME_EARLIER}")
     return path
 
 
-def _shard_sizes(metadata) -> dict[str, int]:
-    """Each shard file a DCP metadata names -> the bytes it must hold (its last item's end)."""
-    sizes: dict[str, int] = {}
-    for item in metadata.storage_data.values():
-        sizes[item.relative_path] = max(sizes.get(item.relative_path, 0), item.offset + item.length)
-    return sizes
+def missing_shards(folder: str | Path) -> list[str]:
+    """The files a sharded checkpoint's metadata names that ``folder`` lacks or holds short:
+    the shards of ranks that wrote them elsewhere (a node-local disk)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    sizes: dict[str, int] = {}  # each file's end, from every entry stored in it
+    for info in (FileSystemReader(str(folder)).read_metadata().storage_data or {}).values():
+        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+    files = {name: Path(folder) / name for name in sizes}
+    return sorted(
+        name for name, file in files.items() if not file.is_file() or file.stat().st_size < sizes[name]
+    )
 
 
 def unreadable_checkpoint(path: Path, err: BaseException) -> ValueError:

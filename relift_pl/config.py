@@ -56,6 +56,13 @@ class AlgorithmConfig:
     """Max grad norm of RL steps (reference scripts: 0.7)."""
     sft_grad_clip: float = 1.0
     """Max grad norm of SFT steps."""
+    rl_loss_scale: float = 1.0
+    """Multiplies the RL loss before backward (logged losses stay unscaled; ``rl/grad_norm`` is
+    the scaled gradient's, the one the clip sees). Under AdamW only the grad clip and Adam's eps
+    see it: it puts ``rl_grad_clip`` on another scale, e.g. the ReLIFT reference's, whose per-GPU
+    loss is a sum over that GPU's sequences, not a mean (scripts/loss_scale.py)."""
+    sft_loss_scale: float = 1.0
+    """Multiplies the SFT step's loss before backward, like ``rl_loss_scale``."""
     buffer_threshold: int = 8
     """M: rows per SFT step; an SFT step runs when the buffer holds at least M."""
     buffer_capacity: int | None = None
@@ -114,6 +121,8 @@ class AlgorithmConfig:
         need(self.sft_micro_batch_size >= 1, "sft_micro_batch_size", ">= 1", self.sft_micro_batch_size)
         need(self.rl_grad_clip > 0, "rl_grad_clip", "> 0", self.rl_grad_clip)
         need(self.sft_grad_clip > 0, "sft_grad_clip", "> 0", self.sft_grad_clip)
+        need(self.rl_loss_scale > 0, "rl_loss_scale", "> 0", self.rl_loss_scale)
+        need(self.sft_loss_scale > 0, "sft_loss_scale", "> 0", self.sft_loss_scale)
         need(self.buffer_threshold >= 1, "buffer_threshold", ">= 1", self.buffer_threshold)
         need(self.buffer_capacity is None or self.buffer_capacity >= self.buffer_threshold,
              "buffer_capacity", f">= buffer_threshold (M={self.buffer_threshold}) or null (4 x M)",

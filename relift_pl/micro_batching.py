@@ -8,6 +8,7 @@ only the columns some of its rows use, so short rows grouped together cost short
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -103,3 +104,59 @@ def pad_plan(plan: list[MicroBatch], count: int) -> list[MicroBatch]:
                          "must plan one zero-weight row)")
     filler = MicroBatch(plan[-1].rows[:1], plan[-1].start, plan[-1].response_len, weight=0.0)
     return plan + [filler] * (count - len(plan))
+
+
+def token_budget_groups(costs: Sequence[int], max_tokens: int, count: int | None = None) -> list[list[int]]:
+    """Splits rows into ``count`` groups of near-equal token cost (default: as few as the budget
+    allows, ceil(total / max_tokens)); the groups of a ``group_token_mean`` loss term.
+
+    The ReLIFT reference forms its micro-batches this way (that many, balanced by tokens) and takes
+    a token mean per micro-batch; it balances with Karmarkar-Karp, this with the greedy "largest
+    first into the lightest group" rule: the same count, near the same balance. Independent of
+    this project's own micro-batches, which follow memory (padded cost, sorted rows).
+
+    Args:
+        costs: tokens of each row (prompt + response, unpadded).
+        max_tokens: the token budget of a group.
+        count: the number of groups to form (e.g. :func:`min_group_count` with shards); None:
+            ceil(total / max_tokens). Capped at the row count.
+
+    Returns:
+        Groups of positions into ``costs``, each non-empty and in ascending order.
+    """
+    if count is None:
+        count = min_group_count(costs, max_tokens)
+    count = max(1, min(count, len(costs)))
+    groups: list[list[int]] = [[] for _ in range(count)]
+    lightest = [(0, g) for g in range(count)]  # (tokens, group): a heap, ties to the lower group
+    for row in sorted(range(len(costs)), key=lambda row: -costs[row]):  # stable on ties
+        total, group = heapq.heappop(lightest)
+        groups[group].append(row)
+        heapq.heappush(lightest, (total + costs[row], group))
+    return [sorted(group) for group in groups]
+
+
+def min_group_count(costs: Sequence[int], max_tokens: int, shards: int = 1) -> int:
+    """The fewest groups within the budget on average, a multiple of ``shards``: shards x
+    ceil(total tokens / shards / budget), at least ``shards``.
+
+    With ``shards`` = the ReLIFT reference's GPU count this is its micro-batch count when its
+    re-deal by length (the trainer's ``_balance_batch``) gives every GPU an equal share: each
+    forms ceil(share / budget) micro-batches.
+    """
+    return shards * max(1, -(-sum(costs) // (shards * max_tokens)))
+
+
+def group_sizes(groups: Sequence[Sequence[int]], sizes: Sequence[int]) -> list[int]:
+    """For every position of ``sizes``, the total size of the group that holds it.
+
+    Args:
+        groups: a partition of ``range(len(sizes))``.
+        sizes: e.g. each row's response tokens.
+    """
+    totals = [0] * len(sizes)
+    for group in groups:
+        total = sum(sizes[row] for row in group)
+        for row in group:
+            totals[row] = total
+    return totals

@@ -13,12 +13,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.evaluation import BenchmarkEvaluation
-from relift_pl.checkpoint import resolve_ckpt_path
 from relift_pl.data.openr1_sample import openr1_sample
 from relift_pl.loggers import ContinuingCSVLogger, LogContinuation
 from relift_pl.models import load_policy, load_tokenizer, resolve_model_path
 from relift_pl.module import ReLIFTModule
 from relift_pl.quiet import quiet_known_noise
+from relift_pl.run_folder import RunFolderCheck, register_resolvers, resolve_resume
 from relift_pl.stop_tokens import apply_stop_tokens
 from relift_pl.summary import RunSummary
 from relift_pl.validation import check_config, instantiate_checked
@@ -28,6 +28,7 @@ if not OmegaConf.has_resolver("relift_root"):
     OmegaConf.register_new_resolver("relift_root", lambda: str(ROOT))
 if not OmegaConf.has_resolver("openr1_sample"):  # a local parquet in the OpenR1 schema
     OmegaConf.register_new_resolver("openr1_sample", openr1_sample)
+register_resolvers()  # hydra.run.dir and the per-rank logs of a multi-rank launch
 
 
 def build(
@@ -109,9 +110,11 @@ def fit(cfg: DictConfig) -> FitResult:
     """Like :func:`train`, but also returns the trainer, module and datamodule (for tests)."""
     os.makedirs(cfg.paths.output_dir, exist_ok=True)
     started = time.time()
-    # Before building: a missing or broken checkpoint fails before the model loads.
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    # Before building: a missing or broken checkpoint fails before the model loads (under a
+    # multi-rank launch, on every rank at set-up: RunFolderCheck).
+    ckpt_path, resume_problem = resolve_resume(cfg.get("ckpt_path"), cfg.paths.output_dir)
     trainer, module, datamodule = build(cfg, training=True)
+    trainer.callbacks.insert(0, RunFolderCheck(cfg.paths.output_dir, resume_problem))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     evaluation = next((c for c in trainer.callbacks if isinstance(c, BenchmarkEvaluation)), None)
     # "before" is the step-0 evaluation only, "after" the newest later one (either may be None).

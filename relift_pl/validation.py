@@ -19,6 +19,7 @@ from relift_pl.data.datamodule import check_data_settings
 from relift_pl.data.sources import is_missing_local_path
 from relift_pl.data.templates import check_chat_template_name
 from relift_pl.rollout.base import SamplingParams
+from relift_pl.strategies import check_parallel_layout
 
 # Weights kept in these lose AdamW steps below their rounding step (bf16 near 0.02: ~1e-4).
 LOW_PRECISION_DTYPES = ("bfloat16", "float16", "half")
@@ -45,6 +46,7 @@ def check_config(cfg: DictConfig, training: bool) -> CheckedConfig:
     check_data(cfg.data, training)
     check_reward(cfg.reward)
     check_eval_set_names(cfg)
+    check_parallel_layout(cfg.trainer)
     if training:
         check_master_weights(cfg)
         check_loss_scaling(cfg)

@@ -2,6 +2,7 @@
 
     python scripts/plan_memory.py experiment=relift_qwen_math_7b trainer=fsdp_8gpu
     python scripts/plan_memory.py experiment=relift_qwen_math_7b trainer=fsdp_8gpu --token-chunk 2048
+    python scripts/plan_memory.py experiment=relift_qwen_math_7b trainer=multinode trainer.num_nodes=4
 
 Hydra overrides compose the real config from conf/ (as train.py does); the model's shape comes
 from model.name_or_path's config.json when it is a local directory, else from the table of known
@@ -54,7 +55,7 @@ def render(plan: MemoryPlan, console: Console) -> None:
         "full logits" if run.token_chunk is None else f"fused head, token_chunk={run.token_chunk}"
     )
     table = Table(
-        title=f"{model.name} ({model.params / 1e9:.2f}B params): GiB per GPU, {chunk}",
+        title=f"{model.name} ({model.params / 1e9:.2f}B params): GiB per GPU ({run.world_size} GPUs), {chunk}",
         caption="(in parentheses: not resident at the phase's peak)",
     )
     table.add_column("resident", style="bold")

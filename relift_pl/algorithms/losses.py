@@ -8,6 +8,9 @@
 - KL penalty with the k3 estimator exp(d) - d - 1, d = ref_logp - logp (Schulman 2020, "Approximating
   KL Divergence", joschu.net/blog/kl-approx.html). Off by default in ReLIFT.
 - SFT: token-mean NLL on the demonstration tokens minus an entropy bonus (ReLIFT, Ma et al. 2025).
+- Token means per group of rows ("group_token_mean"): the ReLIFT reference takes its entropy (RL)
+  and its NLL and entropy (SFT) as token means per micro-batch; a group here is such a
+  micro-batch, fixed by the data, not by this project's memory-driven micro-batching.
 - Policy shaping on off-policy (demonstration) tokens: LUFFY (Yan et al. 2025, arXiv 2504.14945)
   replaces the ratio by f(pi_theta) = pi_theta / (pi_theta + gamma), unclipped, gamma = 0.1.
 
@@ -25,19 +28,24 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-AggMode = Literal["token_mean", "seq_mean_token_mean", "constant"]
+AggMode = Literal["token_mean", "seq_mean_token_mean", "constant", "group_token_mean"]
 Count = float | Tensor | None
 
 _LOG_CLAMP = 20.0
 
 
-# Each reducer gets (masked values [N, T], float mask [N, T], num_tokens, num_seqs, constant).
+# Each reducer gets (masked values [N, T], float mask [N, T], num_tokens, num_seqs, constant,
+# group_tokens [N], num_groups).
 _AGGREGATORS: dict[str, Callable[..., Tensor]] = {
-    "token_mean": lambda masked, mask, n_tok, n_seq, c: masked.sum() / n_tok,
-    "seq_mean_token_mean": lambda masked, mask, n_tok, n_seq, c: (
+    "token_mean": lambda masked, mask, n_tok, n_seq, c, g_tok, n_grp: masked.sum() / n_tok,
+    "seq_mean_token_mean": lambda masked, mask, n_tok, n_seq, c, g_tok, n_grp: (
         (masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)).sum() / n_seq
     ),
-    "constant": lambda masked, mask, n_tok, n_seq, c: masked.sum() / (n_seq * c),
+    "constant": lambda masked, mask, n_tok, n_seq, c, g_tok, n_grp: masked.sum() / (n_seq * c),
+    # A row's share of its group's token mean; summed, the groups' token means.
+    "group_token_mean": lambda masked, mask, n_tok, n_seq, c, g_tok, n_grp: (
+        (masked.sum(dim=-1) / g_tok.clamp(min=1)).sum() / n_grp
+    ),
 }
 
 
@@ -54,6 +62,8 @@ def aggregate_loss(
     num_tokens: Count = None,
     num_seqs: Count = None,
     constant: float | None = None,
+    group_tokens: Tensor | None = None,
+    num_groups: Count = None,
 ) -> Tensor:
     """Reduces per-token values to one scalar; the one aggregation used by every loss here.
 
@@ -61,6 +71,9 @@ def aggregate_loss(
     - seq_mean_token_mean: sum_i(sum_t(values * mask)_i / len_i) / num_seqs (default N),
       len_i = mask row sum clamped to >= 1.
     - constant: sum(values * mask) / (num_seqs * constant) (default N and T).
+    - group_token_mean: sum_i(sum_t(values * mask)_i / group_tokens_i) / num_groups: the mean
+      over groups of rows of each group's token mean (group_tokens_i: the masked tokens of row
+      i's group). One row per group is seq_mean_token_mean; one group of all rows, token_mean.
 
     Pass GLOBAL counts (whole batch, all micro-batches, all ranks) and the sum of the per-micro-batch
     results equals the whole-batch value: the loss then does not depend on micro-batching or world
@@ -74,6 +87,9 @@ def aggregate_loss(
         num_tokens: global number of masked tokens (token_mean).
         num_seqs: global number of sequences (seq_mean_token_mean, constant).
         constant: the normaliser per sequence for "constant", e.g. the max response length.
+        group_tokens: [N] masked tokens of each row's whole group (group_token_mean; required).
+        num_groups: global number of groups (group_token_mean); default: the groups whose rows
+            are all here, sum_i(len_i / group_tokens_i).
 
     Returns:
         Scalar tensor.
@@ -91,7 +107,13 @@ def aggregate_loss(
         num_seqs = max(mask.shape[0], 1)
     if constant is None:
         constant = mask.shape[1]
-    return _AGGREGATORS[mode](masked, mask, num_tokens, num_seqs, constant)
+    if mode == "group_token_mean":
+        if group_tokens is None:
+            raise ValueError("agg_mode group_token_mean needs group_tokens (each row's group size)")
+        group_tokens = group_tokens.to(mask)  # [N]
+        if num_groups is None:
+            num_groups = (mask.sum(dim=-1) / group_tokens.clamp(min=1)).sum().clamp(min=1)
+    return _AGGREGATORS[mode](masked, mask, num_tokens, num_seqs, constant, group_tokens, num_groups)
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -144,6 +166,13 @@ def _check_loss_constant(loss_constant: float | None) -> None:
         raise ValueError(f"loss_constant must be > 0, got {loss_constant}")
 
 
+def _check_groups(mode: str | None, **size: int | None) -> None:
+    """A group_token_mean mode needs its group size (a token budget or a row count) and > 0."""
+    (name, value), = size.items()
+    if mode == "group_token_mean" and (value is None or value < 1):
+        raise ValueError(f"{name} must be >= 1 with group_token_mean, got {value}")
+
+
 class PolicyGradientLoss(nn.Module):
     """GRPO policy-gradient loss with optional DAPO clip-higher, entropy bonus and k3 KL penalty.
 
@@ -163,6 +192,17 @@ class PolicyGradientLoss(nn.Module):
         kl_coef: weight of the k3 KL penalty to the reference model.
         shaping_gamma: gamma of the policy shaping on off-policy tokens (LUFFY: 0.1); None:
             f(p) = p (no shaping).
+        entropy_agg_mode: how the entropy bonus is reduced; None: like the pg term (agg_mode).
+            "group_token_mean": a token mean per group of rows (at most
+            ``entropy_group_max_tokens`` prompt + response tokens each, like a token-budget
+            micro-batch), summed over the groups and divided by the sequence count like the pg
+            term: the ReLIFT reference adds each micro-batch's entropy token mean to a pg term
+            summed over sequences, so its entropy weighs per micro-batch, not per token.
+        entropy_group_max_tokens: the token budget of those groups (group_token_mean).
+        entropy_group_shards: the group count is a multiple of this: shards x ceil(mini-batch
+            tokens / shards / budget), the groups formed over the whole mini-batch whatever the
+            world size. The reference's GPU count gives its count when its re-deal by length
+            leaves each GPU an equal share (1: the fewest groups the budget allows).
     """
 
     def __init__(
@@ -175,6 +215,9 @@ class PolicyGradientLoss(nn.Module):
         entropy_coef: float = 0.0,
         kl_coef: float = 0.0,
         shaping_gamma: float | None = 0.1,
+        entropy_agg_mode: AggMode | None = None,
+        entropy_group_max_tokens: int | None = None,
+        entropy_group_shards: int = 1,
     ) -> None:
         super().__init__()
         if shaping_gamma is not None and not shaping_gamma > 0:
@@ -187,6 +230,14 @@ class PolicyGradientLoss(nn.Module):
         )
         _check_loss_constant(loss_constant)
         _check_agg_mode(agg_mode)
+        if agg_mode == "group_token_mean":
+            raise ValueError("agg_mode group_token_mean is for the entropy term only "
+                             "(entropy_agg_mode); the pg term's groups would be arbitrary")
+        if entropy_agg_mode is not None:
+            _check_agg_mode(entropy_agg_mode)
+        _check_groups(entropy_agg_mode, entropy_group_max_tokens=entropy_group_max_tokens)
+        if entropy_group_shards < 1:
+            raise ValueError(f"entropy_group_shards must be >= 1, got {entropy_group_shards}")
         self.clip = clip
         self.clip_ratio_low = clip_ratio_low
         self.clip_ratio_high = clip_ratio_high
@@ -195,6 +246,9 @@ class PolicyGradientLoss(nn.Module):
         self.entropy_coef = entropy_coef
         self.kl_coef = kl_coef
         self.shaping_gamma = shaping_gamma
+        self.entropy_agg_mode = entropy_agg_mode
+        self.entropy_group_max_tokens = entropy_group_max_tokens
+        self.entropy_group_shards = entropy_group_shards
 
     def forward(
         self,
@@ -210,6 +264,7 @@ class PolicyGradientLoss(nn.Module):
         num_tokens: Count = None,
         num_seqs: Count = None,
         seq_width: float | None = None,
+        group_tokens: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Computes the loss of one (micro-)batch.
 
@@ -228,6 +283,8 @@ class PolicyGradientLoss(nn.Module):
             seq_width: the "constant" normaliser when ``loss_constant`` is None: pass the whole
                 batch's response width (global over micro-batches and ranks), else each call
                 falls back to its own width T and the loss depends on micro-batching.
+            group_tokens: [N] response tokens of each row's whole group, for
+                ``entropy_agg_mode`` group_token_mean.
 
         Returns:
             (loss, metrics). Metrics are detached scalars: "pg_loss" (the aggregated pg term, so
@@ -281,7 +338,15 @@ class PolicyGradientLoss(nn.Module):
         if entropy is not None:
             metrics["entropy"] = masked_mean(entropy.detach(), response_mask)
             if self.entropy_coef != 0:
-                loss = loss - self.entropy_coef * agg(entropy)
+                entropy_agg = agg
+                if self.entropy_agg_mode is not None:
+                    # Groups summed, then per sequence like the pg term: num_groups is N.
+                    per_seq = num_seqs if num_seqs is not None else max(response_mask.shape[0], 1)
+                    entropy_agg = functools.partial(
+                        agg, mode=self.entropy_agg_mode, group_tokens=group_tokens,
+                        num_groups=per_seq,
+                    )  # fmt: skip
+                loss = loss - self.entropy_coef * entropy_agg(entropy)
         if ref_logprobs is not None:
             kl = kl_k3(logprobs, ref_logprobs)  # [N, T]
             metrics["kl"] = masked_mean(kl.detach(), response_mask)
@@ -296,7 +361,11 @@ class SFTLoss(nn.Module):
     Args:
         entropy_coef: weight of the entropy bonus.
         agg_mode: how token losses are reduced, see `aggregate_loss` (ReLIFT: token_mean).
+            group_token_mean: the mean over groups of ``group_rows`` consecutive demonstrations
+            of each group's token mean (the ReLIFT reference's micro-batches of 4: long and
+            short demonstrations weigh by their group, not by their tokens).
         loss_constant: normaliser for agg_mode "constant"; None -> T.
+        group_rows: demonstrations per group (group_token_mean).
     """
 
     def __init__(
@@ -304,14 +373,17 @@ class SFTLoss(nn.Module):
         entropy_coef: float = 0.0,
         agg_mode: AggMode = "token_mean",
         loss_constant: float | None = None,
+        group_rows: int | None = None,
     ) -> None:
         super().__init__()
         _check_non_negative(entropy_coef=entropy_coef)
         _check_loss_constant(loss_constant)
         _check_agg_mode(agg_mode)
+        _check_groups(agg_mode, group_rows=group_rows)
         self.entropy_coef = entropy_coef
         self.agg_mode = agg_mode
         self.loss_constant = loss_constant
+        self.group_rows = group_rows
 
     def forward(
         self,
@@ -322,6 +394,8 @@ class SFTLoss(nn.Module):
         num_tokens: Count = None,
         num_seqs: Count = None,
         seq_width: float | None = None,
+        group_tokens: Tensor | None = None,
+        num_groups: Count = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Computes the SFT loss of one (micro-)batch.
 
@@ -333,6 +407,8 @@ class SFTLoss(nn.Module):
             num_seqs: global sequence count for aggregation, see `aggregate_loss`.
             seq_width: the "constant" normaliser when ``loss_constant`` is None (see
                 `PolicyGradientLoss.forward`).
+            group_tokens: [N] demonstration tokens of each row's whole group (group_token_mean).
+            num_groups: global number of groups (group_token_mean).
 
         Returns:
             (loss, metrics): "nll" (the aggregated NLL term) and "entropy" (local token mean, if
@@ -345,6 +421,7 @@ class SFTLoss(nn.Module):
             aggregate_loss, mask=loss_mask, mode=self.agg_mode, num_tokens=num_tokens,
             num_seqs=num_seqs,
             constant=self.loss_constant if self.loss_constant is not None else seq_width,
+            group_tokens=group_tokens, num_groups=num_groups,
         )  # fmt: skip
 
         nll = agg(-logprobs)

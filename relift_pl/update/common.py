@@ -10,8 +10,15 @@ import torch
 from torch import Tensor
 
 from relift_pl.algorithms import policy_logprobs
-from relift_pl.distributed import all_reduce_max, world_size_and_rank
-from relift_pl.micro_batching import MicroBatch, pad_plan, plan_micro_batches
+from relift_pl.distributed import all_gather_objects, all_reduce_max, world_size_and_rank
+from relift_pl.micro_batching import (
+    MicroBatch,
+    group_sizes,
+    min_group_count,
+    pad_plan,
+    plan_micro_batches,
+    token_budget_groups,
+)
 
 if TYPE_CHECKING:
     from relift_pl.module import ReLIFTModule
@@ -32,6 +39,36 @@ def plan(
     )  # fmt: skip
     count = int(all_reduce_max(torch.tensor(float(len(micro)), device=module.device, dtype=torch.float32)))
     return pad_plan(micro, count)
+
+
+def budget_group_tokens(
+    module: ReLIFTModule,
+    prompt_lengths: Sequence[int],
+    response_lengths: Sequence[int],
+    rows: Sequence[int],
+    max_tokens: int,
+    shards: int = 1,
+) -> Tensor:
+    """[N] response tokens of the token-budget group that holds each row of ``rows`` (0 on the
+    other rows); see :func:`token_budget_groups`.
+
+    The groups define the loss only (they never bound memory), so they are formed over the whole
+    mini-batch, every rank's rows in rank order (their lengths gathered), as
+    :func:`min_group_count` of them: the same rows in the same order form the same groups on any
+    number of ranks, so the loss does not depend on the world size (counted per rank, the
+    heaviest rank's count would set every rank's). Each rank then keeps its own rows' sizes.
+    """
+    rows = list(rows)
+    mine = [(prompt_lengths[row] + response_lengths[row], response_lengths[row]) for row in rows]
+    parts = all_gather_objects([mine])  # every rank's (tokens, response tokens), rank order
+    everyone = [row for part in parts for row in part]
+    costs = [tokens for tokens, _ in everyone]
+    groups = token_budget_groups(costs, max_tokens, min_group_count(costs, max_tokens, shards))
+    start = sum(len(part) for part in parts[: world_size_and_rank()[1]])
+    sizes = group_sizes(groups, [response for _, response in everyone])[start : start + len(rows)]
+    out = torch.zeros(len(prompt_lengths), device=module.device)  # [N]
+    out[torch.tensor(rows, device=module.device)] = torch.tensor(sizes, device=module.device, dtype=out.dtype)
+    return out
 
 
 def global_width(module: ReLIFTModule, width: int) -> float:

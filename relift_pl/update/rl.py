@@ -22,6 +22,7 @@ from relift_pl.micro_batching import row_lengths
 from relift_pl.rollout.base import RolloutBatch
 from relift_pl.update.common import (
     backward,
+    budget_group_tokens,
     global_width,
     micro_logprobs,
     optimizer_step,
@@ -120,6 +121,11 @@ def rl_update(
     for mini in minis:
         num_tokens = all_reduce_sum(response_mask[mini].sum())
         num_seqs = all_reduce_sum(torch.tensor(float(len(mini)), device=device, dtype=torch.float32))
+        group_tokens = None  # [N]: the entropy's token-budget groups, if it is reduced per group
+        if module.pg_loss.entropy_agg_mode == "group_token_mean" and module.pg_loss.entropy_coef:
+            group_tokens = budget_group_tokens(module, prompt_lengths, response_lengths, mini,
+                                               module.pg_loss.entropy_group_max_tokens,
+                                               module.pg_loss.entropy_group_shards)
         micro = micro_plan(mini)
         for i, mb in enumerate(micro):
             rows, width = mb.rows, mb.response_len
@@ -140,8 +146,10 @@ def rl_update(
                 off_policy=None if off_policy is None else off_policy[rows],
                 ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows, :width],
                 num_tokens=num_tokens, num_seqs=num_seqs, seq_width=seq_width,
+                group_tokens=None if group_tokens is None else group_tokens[rows],
             )  # fmt: skip
-            backward(module, loss, mb.weight, last=i == len(micro) - 1 and not demos)
+            backward(module, loss, mb.weight * algo.rl_loss_scale,
+                     last=i == len(micro) - 1 and not demos)
             # Fillers (weight 0) add zeros: every rank must hold the same metric keys.
             share = mb.weight / k
             metrics.add("rl/loss", loss.detach() * share)
@@ -159,8 +167,8 @@ def rl_update(
                 if is_weights is not None:
                     tis_weights[rows, :width] = is_weights
         if demos:
-            sft_backward(module, demos, metrics, scale=algo.sft_loss_coef, prefix="rl/sft_",
-                         metric_scale=1 / k)
+            sft_backward(module, demos, metrics, scale=algo.sft_loss_coef * algo.rl_loss_scale,
+                         prefix="rl/sft_", metric_scale=1 / k)
         grad_norm = optimizer_step(module, optimizer, algo.rl_grad_clip, "rl")
         metrics.add("rl/grad_norm", grad_norm / k, reduce="same")
     if module.weights_version != version:

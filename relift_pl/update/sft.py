@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from relift_pl.distributed import all_reduce_sum, world_size_and_rank
 from relift_pl.metrics import StepMetrics
+from relift_pl.micro_batching import group_sizes
 from relift_pl.rollout.base import left_pad, right_pad
 from relift_pl.update.common import (
     backward,
@@ -37,7 +39,7 @@ def sft_update(module: ReLIFTModule, rows: list[dict[str, Any]], metrics: StepMe
     if not rows:
         return False
     optimizer = module.optimizer("sft")
-    sft_backward(module, rows, metrics)
+    sft_backward(module, rows, metrics, scale=module.algo.sft_loss_scale)
     # Back on the device only for the step itself: not resident during the backward's peak.
     move_optimizer_state(optimizer, module.device)
     version = module.weights_version
@@ -68,7 +70,8 @@ def sft_backward(
         rows: demonstration rows ``{id, prompt_ids, demo_ids}``, the same list on every rank.
         metrics: receives ``<prefix>loss``, ``nll``, ``entropy``, ``demo_tokens``, each times
             ``metric_scale`` (an average over several calls).
-        scale: loss weight (RL-with-SFT-loss: ``algorithm.sft_loss_coef``).
+        scale: loss weight (``algorithm.sft_loss_scale``; in RL steps ``sft_loss_coef`` x
+            ``rl_loss_scale``). The logged values are unscaled.
         prefix: metric namespace.
         metric_scale: multiplies the logged values.
         sync_last: the last micro-batch reduces gradients (false when more backward passes
@@ -91,6 +94,10 @@ def sft_backward(
     seq_width = None
     if module.sft_loss.agg_mode == "constant" and module.sft_loss.loss_constant is None:
         seq_width = global_width(module, demo_ids.shape[1])
+    grouped = module.sft_loss.agg_mode == "group_token_mean"
+    group_tokens, num_groups = row_groups(rows, module.sft_loss.group_rows if grouped else None,
+                                          rank, world)
+    group_tokens = None if group_tokens is None else group_tokens.to(device)  # [m]
     micro = plan(
         module, [len(row["prompt_ids"]) for row in mine], [len(row["demo_ids"]) for row in mine],
         prompt_width, range(len(mine)), module.algo.sft_micro_batch_size,
@@ -103,7 +110,8 @@ def sft_backward(
         mask = loss_mask[mb.rows, : mb.response_len]
         loss, parts = module.sft_loss(
             logprobs, mask, entropy=entropy, num_tokens=num_tokens, num_seqs=num_seqs,
-            seq_width=seq_width,
+            seq_width=seq_width, num_groups=num_groups,
+            group_tokens=None if group_tokens is None else group_tokens[mb.rows],
         )  # fmt: skip
         weight = mb.weight * real
         backward(module, loss * scale, weight, last=sync_last and i == len(micro) - 1)
@@ -114,3 +122,22 @@ def sft_backward(
             token_share = mask.sum() / num_tokens.clamp(min=1) * share
             metrics.add(f"{prefix}entropy", parts["entropy"] * token_share)
     metrics.add(f"{prefix}demo_tokens", num_tokens * metric_scale, reduce="same")
+
+
+def row_groups(
+    rows: list[dict[str, Any]], group_rows: int | None, rank: int, world: int
+) -> tuple[Tensor | None, int | None]:
+    """The SFT loss's groups: ``group_rows`` consecutive rows of the whole list (the same on every
+    rank, so the groups do not depend on the world size).
+
+    Returns:
+        ([m] demonstration tokens of the group of each of this rank's rows ``rows[rank::world]``,
+        or of ``rows[:1]`` when it has none (a zero-weight row), and the number of groups); or
+        (None, None) without ``group_rows``.
+    """
+    if group_rows is None:
+        return None, None
+    starts = range(0, len(rows), group_rows)
+    sizes = group_sizes([range(s, min(s + group_rows, len(rows))) for s in starts],
+                        [len(row["demo_ids"]) for row in rows])
+    return torch.tensor(sizes[rank::world] or sizes[:1], dtype=torch.float32), len(starts)

@@ -109,10 +109,10 @@ def test_a_damaged_fsdp2_checkpoint_is_named_in_one_line(fsdp2_straight, tmp_pat
     # Truncated or missing: named before any model loads.
     intact = shard.read_bytes()
     shard.write_bytes(intact[: len(intact) // 2])
-    with pytest.raises(ValueError, match=r"is incomplete or corrupted: __1_0\.distcp holds \d+ bytes"):
+    with pytest.raises(ValueError, match=r"is incomplete or corrupted .*no shard files __1_0\.distcp"):
         check_checkpoint_file(damaged)
     shard.unlink()
-    with pytest.raises(ValueError, match=r"is incomplete or corrupted: __1_0\.distcp is missing"):
+    with pytest.raises(ValueError, match=r"is incomplete or corrupted .*no shard files __1_0\.distcp"):
         check_checkpoint_file(damaged)
     # Corrupted with its size intact (an archive header zeroed): the load fails on both ranks with
     # one line naming the shard.

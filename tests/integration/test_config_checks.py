@@ -119,3 +119,11 @@ def test_fp16_training_is_refused(make_cfg):
 
     with pytest.raises(ConfigError, match=r"trainer\.precision=16-mixed: fp16 training needs loss scaling"):
         check_config(make_cfg("trainer.precision=16-mixed"), training=True)
+
+
+def test_a_data_parallel_size_that_misses_ranks_is_refused(make_cfg):
+    cfg = make_cfg("trainer=fsdp", "trainer.num_nodes=2", "trainer.strategy.data_parallel_size=2")
+    with pytest.raises(ConfigError, match=r"trainer.strategy.data_parallel_size=2 x tensor_parallel_size=1 "
+                       r"must equal trainer.num_nodes x trainer.devices = 2 x 2 .*data_parallel_size=null"):
+        check_config(cfg, training=True)
+    check_config(make_cfg("trainer=fsdp", "trainer.num_nodes=2", "trainer.strategy.data_parallel_size=4"), True)

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from relift_pl.config import AlgorithmConfig
+from relift_pl.strategies import ModelParallelStrategy as AtomicModelParallelStrategy
 from tests_helpers import config_names
 
 TRAINERS = config_names("trainer")
@@ -37,7 +38,8 @@ def test_paper_recipe_builds_fsdp_8gpu_strategy(make_cfg):
     cfg = make_cfg("experiment=relift_qwen_math_7b", "trainer=fsdp_8gpu")
     strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, ModelParallelStrategy)
-    assert strategy._data_parallel_size == 8 and strategy._tensor_parallel_size == 1
+    # Data parallel over every rank (derived at set-up: see test_fsdp_shards_over_nodes_x_devices).
+    assert strategy._data_parallel_size is None and strategy._tensor_parallel_size == 1
     assert cfg.trainer.devices == 8
     algo = instantiate(cfg.algorithm)
     assert isinstance(algo, AlgorithmConfig)
@@ -46,6 +48,30 @@ def test_paper_recipe_builds_fsdp_8gpu_strategy(make_cfg):
     assert cfg.model.name_or_path == "Qwen/Qwen2.5-Math-7B"
     for name, rows in cfg.data.eval_sets.items():
         assert Path(rows.path).exists(), f"{name}: paths.data_dir should point at the shared data"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "ranks"),
+    [
+        (["trainer=fsdp"], 2),
+        (["trainer=fsdp", "trainer.num_nodes=2", "trainer.devices=1"], 2),
+        (["trainer=multinode", "trainer.num_nodes=2", "trainer.devices=1"], 2),
+        (["trainer=multinode"], 16),
+        (["trainer=multinode", "trainer.num_nodes=4", "trainer.devices=3"], 12),
+    ],
+)
+def test_fsdp_shards_over_nodes_x_devices(make_cfg, monkeypatch, overrides, ranks):
+    """Every sharded trainer config shards over num_nodes x devices, whatever the layout (the
+    configs used to say devices, or 16 for trainer=multinode: any other layout failed after the
+    model loaded)."""
+    cfg = make_cfg(*overrides, "trainer.accelerator=cpu", "trainer.precision=32-true")
+    trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, AtomicModelParallelStrategy)
+    # Lightning's own set-up (process group, device mesh) needs the launched processes.
+    monkeypatch.setattr(ModelParallelStrategy, "setup_environment", lambda self: None)
+    strategy.setup_environment()
+    assert strategy._data_parallel_size == ranks and strategy._tensor_parallel_size == 1
 
 
 def test_paper_recipe_is_the_papers_run(make_cfg):

@@ -3,11 +3,10 @@ teacher's words), its four eval levels, and ReLIFT's SFT step on level-4 rows.""
 
 from __future__ import annotations
 
+from callbacks.evaluation import BenchmarkEvaluation
 from conftest import compose_cfg
 from relift_pl.train import fit
 from toy_overrides import QUIET_TOY
-
-from callbacks.evaluation import BenchmarkEvaluation
 
 
 def test_toy2_relift_mines_level_4_and_takes_an_sft_step(tmp_path):

@@ -207,3 +207,81 @@ def test_sft_entropy_bonus():
     )
     torch.testing.assert_close(loss, torch.tensor(1.3))
     torch.testing.assert_close(metrics["entropy"], torch.tensor(2.0))
+
+
+def test_group_token_mean_by_hand():
+    # Rows 0 and 1 in one group (3 tokens: 1, 2, 4), row 2 alone (2 tokens: 7, 8):
+    # mean of the groups' token means ((1 + 2 + 4) / 3 + (7 + 8) / 2) / 2 = (7/3 + 7.5) / 2.
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    group_tokens = torch.tensor([3.0, 3.0, 2.0])
+    expected = torch.tensor((7 / 3 + 7.5) / 2)
+    torch.testing.assert_close(
+        aggregate_loss(values, mask, "group_token_mean", group_tokens=group_tokens), expected
+    )
+    # Split across micro-batches with the global group count, the parts add up.
+    parts = [
+        aggregate_loss(values[r], mask[r], "group_token_mean", group_tokens=group_tokens[r],
+                       num_groups=2)
+        for r in ([0], [1, 2])
+    ]  # fmt: skip
+    torch.testing.assert_close(sum(parts), expected)
+
+
+def test_group_token_mean_spans_the_other_modes():
+    # One row per group: seq_mean_token_mean; one group of every row: token_mean.
+    lengths = MASK.sum(-1)
+    torch.testing.assert_close(
+        aggregate_loss(VALUES, MASK, "group_token_mean", group_tokens=lengths),
+        aggregate_loss(VALUES, MASK, "seq_mean_token_mean"),
+    )
+    torch.testing.assert_close(
+        aggregate_loss(VALUES, MASK, "group_token_mean", group_tokens=lengths * 0 + MASK.sum(),
+                       num_groups=1),
+        aggregate_loss(VALUES, MASK, "token_mean"),
+    )  # fmt: skip
+
+
+def test_pg_entropy_per_group_is_summed_over_groups_per_sequence():
+    # Two rows in two groups of 1 and 2 tokens, entropies 3 | 1, 2: group token means 3 and 1.5,
+    # summed 4.5, over N=2 sequences 2.25; weight 0.1 -> -0.225 next to a zero pg term.
+    # The pg term's own normaliser (constant 4) would give (3 + 1 + 2) / (2 * 4) = 0.75 instead.
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    entropy = torch.tensor([[3.0, 0.0], [1.0, 2.0]])
+    zeros = torch.zeros(2, 2)
+    pg = PolicyGradientLoss(agg_mode="constant", loss_constant=4.0, entropy_coef=0.1,
+                            entropy_agg_mode="group_token_mean", entropy_group_max_tokens=8)
+    loss, _ = pg(zeros, zeros, torch.zeros(2), mask, entropy=entropy,
+                 group_tokens=torch.tensor([1.0, 2.0]))  # fmt: skip
+    torch.testing.assert_close(loss, torch.tensor(-0.225))
+    same, _ = PolicyGradientLoss(agg_mode="constant", loss_constant=4.0, entropy_coef=0.1)(
+        zeros, zeros, torch.zeros(2), mask, entropy=entropy
+    )
+    torch.testing.assert_close(same, torch.tensor(-0.075))
+
+
+def test_sft_group_token_mean_weighs_groups_not_tokens():
+    # Groups {row 0: 1 token, NLL 4} and {row 1: 3 tokens, NLL 1 each}: mean of token means
+    # (4 + 1) / 2 = 2.5, where the token mean would be (4 + 3) / 4 = 1.75.
+    logprobs = torch.tensor([[-4.0, 0.0, 0.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    loss, _ = SFTLoss(agg_mode="group_token_mean", group_rows=1)(
+        logprobs, mask, group_tokens=torch.tensor([1.0, 3.0]), num_groups=2
+    )
+    torch.testing.assert_close(loss, torch.tensor(2.5))
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: PolicyGradientLoss(agg_mode="group_token_mean"), "entropy term only"),
+        (lambda: PolicyGradientLoss(entropy_agg_mode="group_token_mean"), "entropy_group_max_tokens"),
+        (lambda: PolicyGradientLoss(entropy_agg_mode="group_token_mean", entropy_group_max_tokens=8,
+                                    entropy_group_shards=0), "entropy_group_shards"),
+        (lambda: SFTLoss(agg_mode="group_token_mean"), "group_rows"),
+        (lambda: aggregate_loss(VALUES, MASK, "group_token_mean"), "group_tokens"),
+    ],
+)
+def test_group_token_mean_needs_its_groups(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()

@@ -149,6 +149,25 @@ def test_script_prints_the_table():
     assert "log-prob/entropy path" in proc.stdout
 
 
+def test_the_plan_shards_over_every_node(make_cfg):
+    """trainer.num_nodes counts (scripts/plan_memory.py ... trainer=multinode trainer.num_nodes=4):
+    FSDP2 shards the persistent state over nodes x GPUs, each rank's engine samples its share."""
+    runs = {
+        nodes: run_shape_from_config(make_cfg(
+            "experiment=relift_qwen_math_7b", "trainer=multinode", f"trainer.num_nodes={nodes}"
+        ))
+        for nodes in (1, 4)
+    }  # fmt: skip
+    assert (runs[1].world_size, runs[4].world_size) == (8, 32)
+    assert runs[4].sharded and runs[4].rollout_sequences == 128 * 8 // 32
+    masters = {
+        nodes: next(i for i in plan_memory(QWEN_7B, run).phases[0].items if i.name == "master weights (shard)")
+        for nodes, run in runs.items()
+    }  # fmt: skip
+    assert masters[4].formula == "P x 4 B / 32"
+    assert masters[4].bytes == pytest.approx(masters[1].bytes / 4, abs=1)
+
+
 # -- the activation and log-prob formulas against measurement ------------------------------------
 
 TINY = {

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from relift_pl.micro_batching import pad_plan, plan_micro_batches, row_lengths
+from relift_pl.micro_batching import (
+    group_sizes,
+    min_group_count,
+    pad_plan,
+    plan_micro_batches,
+    row_lengths,
+    token_budget_groups,
+)
 
 
 def layout(prompt_lens, response_lens, prompt_width=4, response_width=5):
@@ -78,3 +85,24 @@ def test_pad_plan_adds_zero_weight_fillers():
 def test_pad_plan_needs_a_row_to_copy():
     with pytest.raises(ValueError, match="zero-weight row"):
         pad_plan([], 2)
+
+
+def test_token_budget_groups_count_and_balance():
+    # 18 tokens at a budget of 10: ceil(18 / 10) = 2 groups; the balanced split is {7, 2} {5, 4}.
+    assert min_group_count([7, 5, 4, 2], 10) == 2
+    assert token_budget_groups([7, 5, 4, 2], 10) == [[0, 3], [1, 2]]
+    # A count set from outside (the max over ranks) wins over the rows' own, capped at the rows.
+    assert token_budget_groups([7, 5, 4, 2], 10, count=3) == [[0], [1], [2, 3]]
+    assert token_budget_groups([3, 3], 1, count=5) == [[0], [1]]
+
+
+def test_min_group_count_in_shards():
+    # 18 tokens in 3 shards of a 10-token budget: each shard's 6 need 1 group, 3 in all; 61
+    # tokens in 2 shards: 30.5 each need 4, 8 in all (not ceil(61 / 10) = 7).
+    assert min_group_count([7, 5, 4, 2], 10, shards=3) == 3
+    assert min_group_count([61], 10, shards=2) == 8 and min_group_count([61], 10) == 7
+    assert min_group_count([], 10, shards=4) == 4
+
+
+def test_group_sizes_gives_each_row_its_groups_total():
+    assert group_sizes([[0, 3], [1, 2]], [4, 1, 2, 3]) == [7, 3, 3, 7]

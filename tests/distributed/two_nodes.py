@@ -1,0 +1,109 @@
+"""Two "nodes" on one machine: two torchrun launches (``--nnodes 2 --nproc-per-node 1``, gloo)
+of ``train.py``, as on two hosts, plus a node-local disk for one of them.
+
+A node-local disk is simulated honestly: node 1 runs in its own mount namespace
+(``unshare --mount --map-root-user``) where a private folder is bound over the path the nodes
+should share, so node 1 sees the same path names as node 0 but other contents, as on two hosts
+with local disks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN = ROOT / "train.py"
+START_LATE = Path(__file__).with_name("start_late.py")
+# trainer=multinode is a GPU config (bf16-mixed): the same layout on CPU processes.
+ON_CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
+TWO_NODES = ["trainer=multinode", "trainer.num_nodes=2", "trainer.devices=1", *ON_CPU]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def can_unshare() -> bool:
+    """Whether this machine lets an unprivileged user bind a folder in a mount namespace."""
+    if shutil.which("unshare") is None:
+        return False
+    with tempfile.TemporaryDirectory() as private, tempfile.TemporaryDirectory() as over:
+        probe = subprocess.run([*private_mount(Path(private), Path(over)), "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+def private_mount(private: Path, over: Path) -> list[str]:
+    """A command prefix that runs the rest with ``private`` bound over ``over`` (and ``over`` as
+    its working directory when the command starts there)."""
+    script = 'mount --bind "$1" "$2" && shift 2 && cd "$PWD" && exec "$@"'
+    return ["unshare", "--mount", "--map-root-user", "sh", "-c", script, "sh", str(private), str(over)]
+
+
+@dataclass
+class Node:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout[-4000:] + self.stderr[-6000:]
+
+
+@dataclass
+class Launch:
+    nodes: list[Node]
+    seconds: float
+
+    def report(self) -> str:
+        return "\n".join(f"--- node {i} (rc {n.returncode})\n{n.output}" for i, n in enumerate(self.nodes))
+
+
+def launch_two_nodes(
+    cwd: Path,
+    overrides: list[str],
+    timeout_s: int = 420,
+    node1_prefix: list[str] | None = None,
+    node1_waits_for: Path | None = None,
+) -> Launch:
+    """Runs ``train.py <overrides>`` as 2 nodes x 1 process, both started in ``cwd``.
+
+    Args:
+        node1_prefix: a command prefix for node 1's torchrun (a private mount).
+        node1_waits_for: node 1's worker starts only once a run folder exists under this
+            ``outputs`` folder and the clock's second has moved past its name: a start-up skew
+            between the ranks, without a fixed sleep.
+    """
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    procs = []
+    started = time.monotonic()
+    for node in (0, 1):
+        script = [str(TRAIN)]
+        if node == 1 and node1_waits_for is not None:
+            script = [str(START_LATE), str(node1_waits_for), str(TRAIN)]
+        command = [
+            "timeout", "-k", "10", str(timeout_s),
+            sys.executable, "-m", "torch.distributed.run",
+            "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+            "--master-addr", "127.0.0.1", "--master-port", str(port),
+            *script, *overrides,
+        ]  # fmt: skip
+        if node == 1 and node1_prefix:
+            command = [*node1_prefix, *command]
+        procs.append(subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))  # fmt: skip
+    outputs = [proc.communicate() for proc in procs]
+    seconds = time.monotonic() - started
+    return Launch([Node(p.returncode, *out) for p, out in zip(procs, outputs)], seconds)

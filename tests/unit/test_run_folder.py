@@ -1,0 +1,158 @@
+"""One run folder for every rank (relift_pl/run_folder.py): the folder rank 0 stamps reaches the
+others through the launcher's store, per-rank log names, and the start-up check's verdicts."""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import pytest
+from omegaconf import OmegaConf
+from torch.distributed import TCPStore
+
+from relift_pl import run_folder
+from relift_pl.run_folder import (
+    RankView,
+    RunFolderCheck,
+    RunFolderError,
+    agreed_run_dir,
+    describe_problem,
+    gather_views,
+    launch_rank,
+    register_resolvers,
+    resolve_resume,
+)
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID", "TORCHELASTIC_USE_AGENT_STORE",
+                "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
+
+
+@pytest.fixture
+def launcher(monkeypatch):
+    """A clean launcher environment; returns a setter for this process's rank and world."""
+    for name in LAUNCHER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(run_folder, "_agreed", None)
+
+    def as_rank(rank: int, world: int = 2, **env: str) -> None:
+        monkeypatch.setattr(run_folder, "_agreed", None)  # each call is a fresh process
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+
+    return as_rank
+
+
+@pytest.fixture
+def agent_store(launcher):
+    """A TCPStore as torchrun's agent hosts it, and the env its workers get."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                     timeout=timedelta(seconds=30))  # fmt: skip
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    return store, env
+
+
+def test_every_rank_gets_the_folder_rank_0_stamped(launcher, agent_store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, env = agent_store
+    launcher(0, **env)
+    chosen = agreed_run_dir("outputs/2025-01-01/12-00-00")
+    assert chosen == str(tmp_path / "outputs/2025-01-01/12-00-00")  # absolute: cwds may differ
+    launcher(1, **env)  # started a second later: its own stamp differs
+    assert agreed_run_dir("outputs/2025-01-01/12-00-01") == chosen
+    launcher(0, **env)  # a restarted worker group (torchrun --max-restarts) keeps the folder
+    assert agreed_run_dir("outputs/2025-01-01/12-05-00") == chosen
+
+
+def test_without_torchruns_store_the_stamp_is_kept(launcher):
+    assert agreed_run_dir("outputs/a/b") == "outputs/a/b"  # one process
+    launcher(1, world=2)  # Lightning's own launcher: no agent store (it passes its folder on)
+    assert agreed_run_dir("outputs/a/b") == "outputs/a/b"
+
+
+def test_launch_rank_from_torchrun_or_srun(launcher, monkeypatch):
+    assert launch_rank() == 0
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert launch_rank() == 0  # a one-task step (sbatch's own shell): not a rank
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert launch_rank() == 3
+    launcher(5)
+    assert launch_rank() == 5  # torchrun (also inside an srun step)
+
+
+def test_rank_zero_writes_hydra_files_others_their_own_log(launcher):
+    register_resolvers()
+    cfg = OmegaConf.create({"subdir": "${relift_on_rank_zero:.hydra}", "log": "train${relift_rank_log_suffix:}.log"})
+    assert (cfg.subdir, cfg.log) == (".hydra", "train.log")
+    launcher(3, world=4)
+    cfg = OmegaConf.create({"subdir": "${relift_on_rank_zero:.hydra}", "log": "train${relift_rank_log_suffix:}.log"})
+    assert (cfg.subdir, cfg.log) == (None, "train_rank3.log")
+
+
+def _view(rank, folder="/runs/a", sees_rank0=True, unseen=(), problem=None, host=None):
+    return RankView(rank, host or f"node{rank}", folder, sees_rank0, unseen, problem)
+
+
+def test_a_shared_folder_passes():
+    assert describe_problem([_view(0), _view(1), _view(2)]) is None
+
+
+def test_ranks_in_different_folders_are_named():
+    problem = describe_problem([_view(0), _view(1, folder="/runs/b")])
+    assert problem == (
+        "the ranks write into different run folders: rank 0 (node0) into /runs/a, rank 1 (node1) "
+        "into /runs/b; give every rank the same hydra.run.dir, on a filesystem every node shares"
+    )
+
+
+def test_a_node_local_folder_is_named_with_the_ranks_that_do_not_see_it():
+    # Node 1 (ranks 2, 3) has its own disk: rank 0 misses their markers, they miss rank 0's.
+    views = [_view(0, unseen=(2, 3)), _view(1), _view(2, sees_rank0=False), _view(3, sees_rank0=False)]
+    problem = describe_problem(views)
+    assert problem.startswith(
+        "the run folder /runs/a is not shared by every node: rank 0 (node0) and ranks 2 (node2), "
+        "3 (node3) do not see each other's files in it"
+    )
+    assert "hydra.run.dir=<shared path>" in problem
+
+
+def test_a_resume_some_ranks_cannot_find_names_them():
+    missing = "ckpt_path=last but /runs/a/checkpoints holds no preempted.ckpt or last.ckpt; ..."
+    assert describe_problem([_view(0), _view(1, problem=missing)]) == f"rank 1 (node1) cannot resume: {missing}"
+    assert describe_problem([_view(0, problem=missing), _view(1, problem=missing)]) == missing
+
+
+def test_one_process_checks_its_own_markers_and_leaves_none(tmp_path):
+    (view,) = gather_views(tmp_path, None, barrier=lambda name: None)
+    assert (view.rank, view.folder, view.sees_rank0, view.unseen) == (0, str(tmp_path), True, ())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resume_lookup_fails_at_once_alone_and_at_the_check_with_several_ranks(launcher, tmp_path):
+    with pytest.raises(FileNotFoundError, match="ckpt_path=last"):
+        resolve_resume("last", str(tmp_path))
+    launcher(1, world=2)
+    ckpt, problem = resolve_resume("last", str(tmp_path))
+    assert ckpt is None and "holds no preempted.ckpt or last.ckpt" in problem
+    with pytest.raises(RunFolderError, match="holds no preempted.ckpt or last.ckpt"):
+        RunFolderCheck(str(tmp_path), problem).setup(trainer=None, pl_module=None, stage="fit")
+    assert resolve_resume(None, str(tmp_path)) == (None, None)
+
+
+def test_a_rank_that_cannot_write_its_marker_is_named():
+    views = [_view(0), _view(1, sees_rank0=False)]
+    views[1] = RankView(1, "node1", "/runs/a", False, (), None, "PermissionError: [Errno 13] denied")
+    assert describe_problem(views) == (
+        "rank 1 (node1) cannot write into the run folder /runs/a (PermissionError: [Errno 13] "
+        "denied); every rank writes there (hydra.run.dir)"
+    )
+
+
+def test_a_marker_that_cannot_be_written_is_reported_not_raised(tmp_path):
+    (view,) = gather_views(tmp_path / "absent", None, barrier=lambda name: None)
+    assert view.write_error.startswith("FileNotFoundError") and not view.sees_rank0
