@@ -6,11 +6,17 @@ Examples:
     python train.py experiment=relift_qwen_math_7b trainer=fsdp_8gpu
 """
 
-import hydra
-from omegaconf import DictConfig
+# Before the other imports (seconds) and the model load (minutes at 7B): a scheduler's SIGTERM or
+# a Ctrl-C from here on ends in a step-0 checkpoint and a clean stop, not a killed process.
+from relift_pl.signals import catch_from_start
 
-from relift_pl.cli import check_top_level_keys, config_errors, say
-from relift_pl.train import train
+catch_from_start()
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from relift_pl.cli import check_top_level_keys, config_errors, say  # noqa: E402
+from relift_pl.train import train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -85,12 +85,17 @@ class EvaluationStopped(Exception):
     """A preemption signal arrived during an evaluation; it is abandoned on every rank."""
 
 
-def _stop_requested(trainer, module) -> bool:
-    """Whether any rank received a preemption signal (a collective: every rank calls it)."""
+def _preemption(trainer):
+    """The run's preemption callback, or None."""
     from callbacks.preemption import PreemptionCheckpoint
 
     callbacks = getattr(trainer, "callbacks", ())
-    preemption = next((c for c in callbacks if isinstance(c, PreemptionCheckpoint)), None)
+    return next((c for c in callbacks if isinstance(c, PreemptionCheckpoint)), None)
+
+
+def _stop_requested(trainer, module) -> bool:
+    """Whether any rank received a preemption signal (a collective: every rank calls it)."""
+    preemption = _preemption(trainer)
     return preemption is not None and preemption.stop_agreed(module)
 
 
@@ -178,18 +183,26 @@ class BenchmarkEvaluation(L.Callback):
 
     # -- when ----------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, module) -> None:
-        if self.before_training and not self.history:
+        step = module.step_count
+        if step == 0:
+            if self.before_training and not self.history:
+                self.run(trainer, module)
+        elif self._due(step, module) and self.last_eval_step != step:
+            # Resumed from a preemption at a step due for evaluation: that evaluation first.
             self.run(trainer, module)
 
     def on_train_batch_end(self, trainer: L.Trainer, module, *args: Any) -> None:
         if getattr(module, "preempted", False):
             return  # preempted.ckpt is written (its callback runs first): leave within the grace time
         step = module.step_count
-        periodic = self.every_n_steps and step % self.every_n_steps == 0
         # The last step here, not in on_train_end: checkpoint callbacks of this step see it.
-        last = self.after_training and step >= module.max_steps
-        if (periodic or last) and self.last_eval_step != step:
+        if self._due(step, module) and self.last_eval_step != step:
             self.run(trainer, module)
+
+    def _due(self, step: int, module) -> bool:
+        """Whether training step ``step`` is evaluated: the period, or the last step."""
+        periodic = self.every_n_steps and step % self.every_n_steps == 0
+        return bool(periodic or (self.after_training and step >= module.max_steps))
 
     def on_train_end(self, trainer: L.Trainer, module) -> None:
         if getattr(module, "preempted", False):
@@ -215,6 +228,8 @@ class BenchmarkEvaluation(L.Callback):
             scores = self.evaluate(module, eval_sets)
         except EvaluationStopped:
             log.warning("evaluation at step %d stopped by a preemption signal", module.step_count)
+            # preempted.ckpt now, before the step's other saves: the resumed run evaluates first.
+            _preemption(trainer).save_and_stop(trainer, module)
             return {}
         finally:
             self._should_stop = None

@@ -10,7 +10,7 @@ import torch
 
 from relift_pl.buffer import demo_row
 from relift_pl.checkpoint import nested_tuples
-from relift_pl.distributed import all_gather_objects
+from relift_pl.distributed import all_gather_objects, every_rank_state, own_rank_state
 
 
 class HardQuestionMining(L.Callback):
@@ -66,9 +66,14 @@ class HardQuestionMining(L.Callback):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self._rng.getstate(), "rows_without_demo": self.rows_without_demo}
+        # Every rank's: each draws from its own generator (as many rows as it has hardest ones)
+        # and counts its own rows, and rank 0 alone writes the checkpoint.
+        return {"ranks": every_rank_state({"rng": self._rng.getstate(), "rows_without_demo": self.rows_without_demo})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._rng.setstate(nested_tuples(state["rng"]))
-        self.rows_without_demo = state["rows_without_demo"]
+        # Older checkpoints hold rank 0's state only.
+        own = own_rank_state(state["ranks"], "hard-question mining state") if "ranks" in state else state
+        if own is not None:
+            self._rng.setstate(nested_tuples(own["rng"]))
+            self.rows_without_demo = own["rows_without_demo"]
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
+import logging
 import os
 import random
 import zipfile
@@ -21,6 +24,7 @@ from relift_pl.untrusted import (
 )
 
 RESUMABLE_NAMES = ("preempted.ckpt", "last.ckpt")
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -89,9 +93,11 @@ class TrainingStepCheckpoint(ModelCheckpoint):
     - ``export_hf``: the final policy is also written as a Hugging Face model directory
       ``<export_dir>/final_model`` and, when a monitored checkpoint becomes the best,
       ``<export_dir>/best_model``.
-    - Nothing is saved at epoch ends. A preempted step is saved once, as ``preempted.ckpt``; the
-      run that resumes it past ``max_steps`` does the final step's saving and export at its end
-      (``on_train_end``), while a finished run resumed for nothing rewrites nothing.
+    - Checkpoint names count training steps too (``{step}`` is ``module.step_count``).
+    - Nothing is saved at epoch ends. A preempted step is saved once, as ``preempted.ckpt``,
+      before its saves; the run that resumes it does them first (``on_train_start``, after the
+      evaluation callback has redone the step's evaluation), the final step's export included,
+      while a finished run resumed for nothing rewrites nothing.
     - ``save_last=link`` is refused: a later top-k save deletes the file the link points to.
 
     Args:
@@ -115,11 +121,21 @@ class TrainingStepCheckpoint(ModelCheckpoint):
         self.export_dir = Path(export_dir) if export_dir else None
         self.export_dtype = export_dtype
         self._last_step_saved = -1
+        # The step whose saves were done when the checkpoint this run resumed from was written.
+        self._resumed_saved_step: int | None = None
 
     def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
         step = pl_module.step_count
         if pl_module.preempted or step == self._last_step_saved or trainer.sanity_checking:
             return  # (Lightning's own skip test compares global_step, which a skipped step keeps)
+        self._save(trainer, pl_module, final=step >= pl_module.max_steps)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        # Resumed from a checkpoint written before its step's saves (preempted.ckpt): do them now.
+        step = pl_module.step_count
+        if pl_module.preempted or step == 0 or self._resumed_saved_step in (None, step):
+            return
         self._save(trainer, pl_module, final=step >= pl_module.max_steps)
 
     def _save(self, trainer, pl_module, final: bool) -> None:
@@ -128,17 +144,31 @@ class TrainingStepCheckpoint(ModelCheckpoint):
         periodic = n >= 1 and step % n == 0
         candidates = self._monitor_candidates(trainer)
         best_before = self.best_model_path
+        self._last_step_saved = step  # before the saves: the files written here record it
         if self._evaluated_at(trainer, step) if self._follows_evaluation else periodic:
             self._save_topk_checkpoint(trainer, candidates)
         if periodic or final:
             self._save_last_checkpoint(trainer, candidates)
-        self._last_step_saved = step
         if not self.export_hf:
             return
         if self.monitor is not None and self.best_model_path != best_before:
             self._export(trainer, pl_module, "best_model")
         if final:
             self._export(trainer, pl_module, "final_model")
+
+    def _monitor_candidates(self, trainer) -> dict[str, torch.Tensor]:
+        # "{step}" in file names: the training step (Lightning's is global_step, which counts RL
+        # and SFT optimizer steps and is all a resume that takes no step would have).
+        candidates = super()._monitor_candidates(trainer)
+        candidates["step"] = torch.tensor(trainer.lightning_module.step_count)
+        return candidates
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "last_step_saved": self._last_step_saved}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._resumed_saved_step = state_dict.get("last_step_saved")  # absent in older checkpoints
 
     @property
     def _follows_evaluation(self) -> bool:
@@ -167,9 +197,9 @@ class TrainingStepCheckpoint(ModelCheckpoint):
         pass
 
     def on_train_end(self, trainer, pl_module) -> None:
-        # A run resumed from a checkpoint of its final step (preempted there) took no step: its
-        # final saves and export were skipped then, so they happen now, after the evaluation
-        # callback's final evaluation. A finished run resumed again finds them done.
+        # A run resumed at its final step from a checkpoint that does not say whether that step's
+        # saves were done (older checkpoints; or killed during the export): done now unless the
+        # files show them done. A finished run resumed again finds them done.
         step = pl_module.step_count
         if pl_module.preempted or step < pl_module.max_steps or step == self._last_step_saved:
             return
@@ -200,19 +230,22 @@ def check_checkpoint_file(path: str | Path) -> Path:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise ValueError(
-            f"checkpoint {path} is truncated or corrupted ({err}); resume from an earlier one "
-            "with ckpt_path=<path> (see the checkpoints/ folder)"
-        ) from err
+        raise ValueError(f"checkpoint {path} is truncated or corrupted ({err}); {_RESUME_EARLIER}") from err
     if bad is not None:
-        raise ValueError(f"checkpoint {path} is corrupted (bad member {bad}); resume from an earlier one")
+        raise ValueError(f"checkpoint {path} is corrupted (bad member {bad}); {_RESUME_EARLIER}")
     return path
+
+
+_RESUME_EARLIER = "resume from an earlier one with ckpt_path=<path> (see the checkpoints/ folder)"
 
 
 def _check_checkpoint_folder(path: Path) -> Path:
     """A sharded checkpoint is complete when its DCP metadata (written last, after every shard)
     and Lightning's ``meta.pt`` (counters, callbacks; written by rank 0) are both readable, and
-    safe when neither pickles anything that could run code (:mod:`relift_pl.untrusted`)."""
+    every shard file the metadata names is there, as long as it says, and safe when neither
+    pickles anything that could run code (:mod:`relift_pl.untrusted`). (Checking the shards'
+    checksums would mean reading the whole checkpoint on every rank: done only after a failed
+    load, :func:`unreadable_checkpoint`.)"""
     from lightning.fabric.utilities.load import _METADATA_FILENAME
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -228,7 +261,7 @@ def _check_checkpoint_folder(path: Path) -> Path:
     except Exception as err:  # missing or truncated files, a half-written save
         raise ValueError(
             f"checkpoint folder {path} is incomplete or corrupted ({type(err).__name__}: {err}); "
-            "resume from an earlier one with ckpt_path=<path> (see the checkpoints/ folder)"
+            f"{_RESUME_EARLIER}"
         ) from err
     return path
 
@@ -247,21 +280,69 @@ def missing_shards(folder: str | Path) -> list[str]:
     )
 
 
+def unreadable_checkpoint(path: Path, err: BaseException) -> ValueError:
+    """The one-line error for a sharded checkpoint that passed the checks above but failed to
+    load; names the shard whose checksum fails, if one does (reads every shard)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    damaged = None
+    with contextlib.suppress(Exception):  # an unreadable metadata file: the error names it
+        damaged = _first_corrupted_shard(path, FileSystemReader(str(path)).read_metadata())
+    failures = getattr(err, "failures", None)  # DCP's CheckpointException: every rank's error
+    if failures:
+        err = next(iter(failures.values()))[0]  # (exception, traceback)
+    first_line = next(iter(str(err).strip().splitlines()), "")
+    shard = f"; its shard {damaged} is corrupted (a CRC check fails)" if damaged else ""
+    return ValueError(
+        f"checkpoint folder {path} could not be loaded ({type(err).__name__}: {first_line}){shard}; "
+        f"{_RESUME_EARLIER}"
+    )
+
+
+def _first_corrupted_shard(path: Path, metadata) -> str | None:
+    """The first shard file holding an item that is not an intact zip archive (each item of a
+    DCP shard is written by ``torch.save``, whose archive has a CRC per member)."""
+    for item in sorted(metadata.storage_data.values(), key=lambda i: (i.relative_path, i.offset)):
+        with open(path / item.relative_path, "rb") as f:
+            f.seek(item.offset)
+            blob = f.read(item.length)
+        try:
+            with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+                intact = archive.testzip() is None
+        except (zipfile.BadZipFile, EOFError, ValueError, UnicodeDecodeError):
+            intact = False
+        if not intact:
+            return item.relative_path
+    return None
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
-    """``None`` -> None; ``last`` -> the newest of ``checkpoints/{preempted,last}.ckpt`` in
-    ``output_dir`` (an error if there is none); otherwise the given path. The file is checked."""
+    """``None`` -> None; ``last`` -> the newest intact one of ``checkpoints/{preempted,last}.ckpt``
+    in ``output_dir`` (a damaged newer one is passed over with a warning; an error if none is
+    left); otherwise the given path. The checkpoint is checked."""
     if ckpt_path is None:
         return None
-    if ckpt_path == "last":
-        folder = Path(output_dir) / "checkpoints"
-        found = [folder / name for name in RESUMABLE_NAMES if (folder / name).exists()]
-        if not found:
-            raise FileNotFoundError(
-                f"ckpt_path=last but {folder} holds no {' or '.join(RESUMABLE_NAMES)}; run with the "
-                "same output folder (hydra.run.dir=<the run's folder>) or give ckpt_path=<file>"
-            )
-        ckpt_path = str(max(found, key=lambda p: p.stat().st_mtime))
-    return str(check_checkpoint_file(ckpt_path))
+    if ckpt_path != "last":
+        return str(check_checkpoint_file(ckpt_path))
+    folder = Path(output_dir) / "checkpoints"
+    found = [folder / name for name in RESUMABLE_NAMES if (folder / name).exists()]
+    if not found:
+        raise FileNotFoundError(
+            f"ckpt_path=last but {folder} holds no {' or '.join(RESUMABLE_NAMES)}; run with the "
+            "same output folder (hydra.run.dir=<the run's folder>) or give ckpt_path=<file>"
+        )
+    damaged: list[ValueError] = []
+    for candidate in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            path = check_checkpoint_file(candidate)
+        except ValueError as err:
+            damaged.append(err)
+            continue
+        for err in damaged:
+            log.warning("%s; ckpt_path=last resumes from %s, the newest intact one",
+                        str(err).split(f"; {_RESUME_EARLIER}")[0], path)
+        return str(path)
+    raise damaged[0]
 
 
 def rng_state() -> dict[str, Any]:

@@ -113,7 +113,7 @@ class AlgorithmConfig:
     @property
     def uses_sft_optimizer(self) -> bool:
         """Whether a separate SFT optimizer is needed (buffered SFT steps or an SFT warm-up)."""
-        return self.sft_enabled or self.sft_warmup_steps > 0
+        return runs_sft_steps(self.sft_enabled, self.sft_warmup_steps)
 
     def validate(self) -> None:
         def need(ok: bool, key: str, rule: str, value) -> None:
@@ -165,3 +165,9 @@ class AlgorithmConfig:
         if self.uses_sft_optimizer:
             need(self.sft_optimizer is not None, "sft_optimizer",
                  "set when sft_enabled or sft_warmup_steps > 0", None)
+
+
+def runs_sft_steps(sft_enabled: bool, sft_warmup_steps: int) -> bool:
+    """Whether a run takes SFT steps with the SFT optimizer: buffered ones or an SFT warm-up
+    (SFT-then-RL has ``sft_enabled`` false)."""
+    return sft_enabled or sft_warmup_steps > 0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 def world_size_and_rank() -> tuple[int, int]:
@@ -39,3 +42,18 @@ def all_gather_objects(items: list[Any]) -> list[Any]:
     dist.all_gather_object(gathered, items)
     return [item for part in gathered for item in part]
 
+
+def every_rank_state(state: Any) -> list[Any]:
+    """Every rank's ``state``, in rank order: what a checkpoint must hold of per-rank state
+    (rank 0 alone writes the module's and the callbacks' part of it)."""
+    return all_gather_objects([state])
+
+
+def own_rank_state(saved: list[Any], what: str) -> Any | None:
+    """This rank's entry of an :func:`every_rank_state` list; None for a rank the checkpoint did
+    not have (more ranks now), which keeps the state it started with."""
+    world, rank = world_size_and_rank()
+    if len(saved) != world:
+        log.warning("the checkpoint holds the %s of %d ranks, this run has %d: ranks beyond "
+                    "them keep the state they started with", what, len(saved), world)
+    return saved[rank] if rank < len(saved) else None

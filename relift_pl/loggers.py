@@ -11,6 +11,9 @@ Here, at fit start (``LogContinuation``, added by ``train.build`` beside this lo
 
 and the rows are written whenever a checkpoint is, so a checkpoint never holds steps the file
 lacks.
+
+It reads the resumed step at train start: ``ModelParallelStrategy`` (FSDP2) restores the
+checkpoint after ``on_fit_start``, where the module still counts 0.
 """
 
 from __future__ import annotations
@@ -72,10 +75,11 @@ class ContinuingCSVLogger(CSVLogger):
 
 
 class LogContinuation(L.Callback):
-    """Tells each ``ContinuingCSVLogger`` at fit start whether, and from which step, the run resumed
-    (the module's ``step_count`` is restored from the checkpoint before ``on_fit_start``)."""
+    """Tells each ``ContinuingCSVLogger`` at train start whether, and from which step, the run
+    resumed (every strategy has restored the module's ``step_count`` by then). It must come
+    before any callback that logs in ``on_train_start`` (the before-training evaluation)."""
 
-    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         resumed = module.step_count if trainer.ckpt_path else None
         for logger in trainer.loggers:
             if isinstance(logger, ContinuingCSVLogger):

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from relift_pl.config import runs_sft_steps
+
 GiB = 1024**3
 
 # Measured multipliers of the log-prob path (see the module docstring and the tests).
@@ -158,7 +160,7 @@ class RunShape:
     gradient_checkpointing: bool = True
     token_chunk: int | None = None  # the fused log-prob head's chunk; None: full logits
     rl_enabled: bool = True
-    sft_enabled: bool = True
+    sft_enabled: bool = True  # SFT steps with the SFT AdamW (buffered ones or a warm-up)
     offload_sft_optimizer: bool = False
     reference_policy: bool = False  # KL: a frozen sharded copy of the policy
     defer_grad_sync: bool = False  # FSDP2: unsharded float32 gradients across micro-batches
@@ -474,7 +476,8 @@ def run_shape_from_config(cfg, device_gb: float = 80.0, overhead_gb: float = 2.0
         gradient_checkpointing=bool(get("model.gradient_checkpointing", False)),
         token_chunk=get("algorithm.logprob_token_chunk"),
         rl_enabled=bool(get("algorithm.rl_enabled", True)),
-        sft_enabled=bool(get("algorithm.sft_enabled", True)),
+        sft_enabled=runs_sft_steps(bool(get("algorithm.sft_enabled", True)),
+                                   int(get("algorithm.sft_warmup_steps", 0))),
         offload_sft_optimizer=bool(get("algorithm.offload_sft_optimizer", False)),
         reference_policy=float(get("algorithm.pg_loss.kl_coef", 0.0)) > 0,
         defer_grad_sync=bool(get("algorithm.defer_grad_sync", False)),

@@ -21,7 +21,6 @@ Deviations from the reference (verl) implementation, all deliberate:
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -38,7 +37,12 @@ from relift_pl.algorithms.mismatch import check_logprob_bound, resolve_logprob_b
 from relift_pl.buffer import DemonstrationBuffer, demo_row
 from relift_pl.checkpoint import rng_state, set_rng_state
 from relift_pl.config import AlgorithmConfig
-from relift_pl.distributed import all_gather_objects, world_size_and_rank
+from relift_pl.distributed import (
+    all_gather_objects,
+    every_rank_state,
+    own_rank_state,
+    world_size_and_rank,
+)
 from relift_pl.metrics import StepMetrics
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from relift_pl.step_report import log_step, rollout_metrics, step_metrics
@@ -46,8 +50,6 @@ from relift_pl.stop_tokens import stop_token_ids
 from relift_pl.update import rl_update, sft_update
 from relift_pl.update.common import move_optimizer_state
 from relift_pl.update.mixing import mix_demonstrations
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -447,11 +449,13 @@ class ReLIFTModule(L.LightningModule):
             "demos_used": sorted(self.demos_used),
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": dict(self.consecutive_skips),
+            "mismatch_strikes": self.mismatch_strikes,
             "weights_version": self.weights_version,
             "buffer": self.buffer.state_dict(),
             "time_totals": dict(self.time_totals),
-            # Every rank's streams (rank 0 writes the file): ranks must not resume identical.
-            "rng": all_gather_objects([rng_state()]),
+            # Every rank's streams: ranks must not resume identical. A save before the first
+            # step of a resume holds the streams that step will start from.
+            "rng": every_rank_state(self._pending_rng_state or rng_state()),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -463,6 +467,7 @@ class ReLIFTModule(L.LightningModule):
         self.skipped_steps = state["skipped_steps"]
         skips = state["consecutive_skips"]  # an int in checkpoints from before the per-optimizer count
         self.consecutive_skips = dict(skips) if isinstance(skips, dict) else {"rl": skips, "sft": skips}
+        self.mismatch_strikes = state.get("mismatch_strikes", 0)  # absent in older checkpoints
         self.weights_version = state["weights_version"]
         self.buffer.load_state_dict(state["buffer"])
         self.time_totals = dict(state.get("time_totals", {}))  # absent in older checkpoints
@@ -483,12 +488,6 @@ class ReLIFTModule(L.LightningModule):
 
 def _rank_rng_state(saved: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any] | None:
     """This rank's RNG state from a checkpoint: one state per rank (a list), or a single state
-    (older checkpoints). A rank the checkpoint did not have (more ranks now) keeps the streams
-    ``setup()`` seeded for it."""
-    if isinstance(saved, dict):
-        return saved
-    world, rank = world_size_and_rank()
-    if len(saved) != world:
-        log.warning("the checkpoint holds the random streams of %d ranks, this run has %d: "
-                    "ranks beyond them keep their seed + rank streams", len(saved), world)
-    return saved[rank] if rank < len(saved) else None
+    (older checkpoints). A rank the checkpoint did not have keeps the streams ``setup()`` seeded
+    for it (``seed + rank``)."""
+    return saved if isinstance(saved, dict) else own_rank_state(saved, "random streams")

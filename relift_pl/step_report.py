@@ -81,8 +81,6 @@ def log_step(module: ReLIFTModule, values: dict[str, float]) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(values, step=module.step_count)
     trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
-    # Checkpoint names ("step-{step}") read "step" here; Lightning's default is global_step.
-    trainer.callback_metrics["step"] = torch.tensor(float(module.step_count), dtype=torch.float64)
     for key in ("train/reward_mean", "sft/loss"):
         if key in values:
             module.log(key.split("/")[-1], values[key], prog_bar=True, logger=False)

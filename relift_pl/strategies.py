@@ -1,5 +1,6 @@
 """FSDP2 through Lightning's ModelParallelStrategy, laid out over every rank of the launch, with
-sharded checkpoints written atomically and checked complete.
+sharded checkpoints written atomically and checked complete, and saves that leave training
+untouched.
 
 Lightning writes a distributed checkpoint folder in place: a kill mid-save leaves a folder
 that mixes two steps' shards under the real name. Here every rank writes into
@@ -7,6 +8,13 @@ that mixes two steps' shards under the real name. Here every rank writes into
 checkpoint folder is on its own disk writes its shard where rank 0 cannot see it), and only then
 swaps the finished folder into place (the old one is renamed aside, then removed), so ``<name>``
 is always one complete save.
+
+torch's ``get_optimizer_state_dict`` (used to save, and to load) gives an optimizer that has
+no state yet a placeholder one: it steps it at lr 0, so AdamW's moments exist with step 1, and
+its first real step runs as its second (another bias correction). The SFT AdamW waits for the
+buffer to fill, so a checkpoint before its first step changed training. Here such an
+optimizer is saved with its placeholder, left stateless, and named in the checkpoint, so that
+a resume drops the placeholder it loads.
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
 from omegaconf import DictConfig
+from torch.distributed.checkpoint.api import CheckpointException
 
-from relift_pl.checkpoint import missing_shards
+from relift_pl.checkpoint import missing_shards, unreadable_checkpoint
 from relift_pl.config import ConfigError
 from relift_pl.export import replace_dir
 from relift_pl.run_folder import RunFolderError
@@ -30,9 +39,14 @@ def derived_data_parallel_size(num_nodes: int, devices_per_node: int, tensor_par
     return num_nodes * devices_per_node // tp
 
 
+# The checkpoint key listing the optimizers (by index) that had no state when it was saved.
+STATELESS_OPTIMIZERS = "relift_stateless_optimizers"
+
+
 class ModelParallelStrategy(_ModelParallelStrategy):
-    """Lightning's ModelParallelStrategy whose data-parallel size follows the launch and whose
-    sharded checkpoint saves are atomic and complete.
+    """Lightning's ModelParallelStrategy whose data-parallel size follows the launch, whose
+    sharded checkpoint saves are atomic and complete, and which leaves an optimizer without
+    state as it was (see the module docstring).
 
     Args:
         data_parallel_size: ranks of one data-parallel group; None (the configs' setting):
@@ -48,6 +62,7 @@ class ModelParallelStrategy(_ModelParallelStrategy):
         super().__init__(
             data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs
         )
+        self._stateless_at_save: set[int] = set()
 
     def setup_environment(self) -> None:
         if self._data_parallel_size is None:  # nodes and devices are known once the trainer is built
@@ -56,7 +71,28 @@ class ModelParallelStrategy(_ModelParallelStrategy):
             )
         super().setup_environment()
 
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        inner = getattr(optimizer, "_optimizer", optimizer)  # Lightning's wrapper, if any
+        stateless = not inner.state
+        state = super().optimizer_state(optimizer)
+        if stateless:
+            inner.state.clear()  # the placeholder is in `state`, not in the optimizer
+            self._stateless_at_save.add(self.optimizers.index(inner))
+        return state
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            metadata = super().load_checkpoint(checkpoint_path, weights_only)
+        except (Exception, CheckpointException) as err:  # torch internals: one line naming the file
+            raise unreadable_checkpoint(Path(checkpoint_path), err) from err
+        for index in metadata.pop(STATELESS_OPTIMIZERS, ()):
+            self.optimizers[index].state.clear()
+        return metadata
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any = None) -> None:
+        # Still stateless now (a state dict taken for anything but this save must not count).
+        checkpoint[STATELESS_OPTIMIZERS] = sorted(i for i in self._stateless_at_save if not self.optimizers[i].state)
+        self._stateless_at_save = set()
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))

@@ -54,7 +54,8 @@ def build(
         for name, node in (cfg.logger or {}).items() if node is not None
     ]
     if any(isinstance(lg, ContinuingCSVLogger) for lg in loggers):
-        callbacks.append(LogContinuation())  # the logger keeps or replaces metrics.csv by resume
+        # The logger keeps or replaces metrics.csv by resume, before anything logs.
+        callbacks.insert(0, LogContinuation())
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     model_path = resolve_model_path(cfg.model.name_or_path, instantiate(cfg.model.get("build")))
     # Seeded after the (possibly freshly built) base exists: building it draws random numbers.

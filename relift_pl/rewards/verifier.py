@@ -40,7 +40,14 @@ from relift_pl.rewards import extract
 OK, TIMEOUT, FAILURE = "ok", "timeout", "failure"
 GRADING_MODES = extract.GRADING_MODES
 _STARTUP_TIMEOUT_S = 120.0  # a fresh interpreter importing sympy; slow on a loaded machine
+# Ctrl-C and a scheduler's SIGTERM (sent to every process of the job) are the trainer's to
+# handle: it finishes the step, whose rewards need the workers, then stops them itself. A worker
+# starts with both blocked (see _spawn) and ignores them before its slow imports (sympy).
+_PREEMPTION_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _WORKER_CMD = (
+    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); "
     "import sys; from relift_pl.rewards.verifier import _worker_main; _worker_main(sys.argv)"
 )
 
@@ -112,10 +119,6 @@ def _limit_memory(headroom_mb: int) -> None:
 def _worker_main(argv: list[str]) -> None:
     """Worker loop: grades (batch, [(idx, gold, pred), ...]) messages, one reply per item."""
     fd, memory_mb, library_timeout = (int(a) for a in argv[1:4])
-    # Ctrl-C and a scheduler's SIGTERM (sent to every process of the job) are the trainer's to
-    # handle: it finishes the step, whose rewards need this worker, then stops the workers itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(fd)
     events = _LibraryEvents()
     library_logger = logging.getLogger("math_verify")
@@ -343,12 +346,18 @@ class MathVerifyReward:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
         library_timeout = int(self.timeout_s // 2)  # 0: off, the outer timeout alone applies
         args = [str(child_conn.fileno()), str(self.memory_limit_mb or 0), str(library_timeout)]
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_CMD, *args],
-            pass_fds=(child_conn.fileno(),),
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
+        # Blocked here across the fork and exec (a signal to the trainer meanwhile waits, and is
+        # handled once they are unblocked), so the worker holds them blocked until it ignores them.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _PREEMPTION_SIGNALS)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_CMD, *args],
+                pass_fds=(child_conn.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child_conn.close()
         worker = _Worker(proc, parent_conn)
         try:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # Token-mean metrics of the PG loss: weighted by tokens so that ranks and micro-batches combine
 # into the mean over all tokens of the mini-batch.
 _TOKEN_MEANS = ("entropy", "clip_frac", "ratio_mean", "kl")
-# LUFFY: means over the demonstration tokens, weighted the same way by off-policy tokens.
+# LUFFY: means over all the step's demonstration tokens (a mini-batch without any adds nothing).
 _OFF_POLICY_MEANS = ("off_policy_prob", "shaped_prob")
 
 
@@ -116,9 +116,10 @@ def rl_update(
     tis_weights = torch.zeros_like(response_mask) if module.tis_cap else None  # [N, R]
     optimizer = module.optimizer("rl")
     version = module.weights_version
+    if off_policy is not None:  # [2]: the step's demonstration and response tokens, all ranks
+        off_and_all_tokens = all_reduce_sum(torch.stack([off_tokens.sum(), response_mask.sum()]))
     for mini in minis:
         num_tokens = all_reduce_sum(response_mask[mini].sum())
-        num_off_tokens = None if off_policy is None else all_reduce_sum(off_tokens[mini].sum())
         num_seqs = all_reduce_sum(torch.tensor(float(len(mini)), device=device, dtype=torch.float32))
         group_tokens = None  # [N]: the entropy's token-budget groups, if it is reduced per group
         if module.pg_loss.entropy_agg_mode == "group_token_mean" and module.pg_loss.entropy_coef:
@@ -158,7 +159,7 @@ def rl_update(
                 if key in parts:
                     metrics.add(f"rl/{key}", parts[key] * token_share)
             if off_policy is not None:
-                off_share = off_tokens[rows, :width].sum() / num_off_tokens.clamp(min=1) * share
+                off_share = off_tokens[rows, :width].sum() / off_and_all_tokens[0].clamp(min=1) * mb.weight
                 for key in _OFF_POLICY_MEANS:
                     metrics.add(f"luffy/{key}", parts[key] * off_share)
                 rows_here = parts["off_rows"] * (mb.weight > 0)  # fillers add zeros
@@ -177,7 +178,7 @@ def rl_update(
         module.demos_used.update(str(row["id"]) for row in demos or ())
         module.demos_used.update(mixed_ids or ())
     if off_policy is not None:
-        off, total = all_reduce_sum(torch.stack([off_tokens.sum(), response_mask.sum()]))
+        off, total = off_and_all_tokens
         metrics.add("luffy/off_policy_token_frac", off / total.clamp(min=1), reduce="same")
     if engine_logprobs is not None:  # demonstrations have no engine log-probs: sampled rows only
         mismatch_metrics(module, trainer_old, engine_logprobs, sampled_mask, tis_weights, metrics)

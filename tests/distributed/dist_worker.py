@@ -10,7 +10,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository this file is in first (a script's folder is on sys.path, its repository is not:
+# relift_pl and callbacks would come from wherever the package is installed), then tests/.
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
+from callbacks.hard_question_mining import HardQuestionMining  # noqa: E402
 from conftest import compose_cfg  # noqa: E402
 from relift_pl.train import fit  # noqa: E402
 
@@ -23,6 +26,7 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     result = fit(compose_cfg(sys.argv[2:], output_dir=out))
     module = result.module
+    mining = next(c for c in result.trainer.callbacks if isinstance(c, HardQuestionMining))
     state = {
         name: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().cpu()
         for name, value in module.policy.state_dict().items()
@@ -34,6 +38,8 @@ if __name__ == "__main__":
             "sft_step": module.sft_step,
             "weights_version": module.weights_version,
             "buffer": module.buffer.state_dict(),
+            # This rank's mining state: its random-selection stream and its count.
+            "mining": (mining._rng.getstate(), mining.rows_without_demo),
             "world_size": result.trainer.world_size,
             "initial_seed": torch.initial_seed(),
             "metrics": {k: float(v) for k, v in result.trainer.callback_metrics.items()},

@@ -27,12 +27,16 @@ RELIFT = [
 ]
 
 
-def run_worker(out: Path, overrides: list[str]) -> list[dict]:
+def launch_worker(out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
+    return subprocess.run(
         ["timeout", "-k", "10", "400", sys.executable, str(WORKER), str(out), *overrides],
         cwd=ROOT, env=env, capture_output=True, text=True,
     )
+
+
+def run_worker(out: Path, overrides: list[str]) -> list[dict]:
+    proc = launch_worker(out, overrides)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = sorted(out.glob("rank*.pt"))
     return [torch.load(path, weights_only=False) for path in ranks]

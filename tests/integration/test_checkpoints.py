@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 
-import lightning as L
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from callbacks.preemption import PreemptionCheckpoint
 from conftest import compose_cfg
 from relift_pl.train import build, fit
+from tests_helpers import SigtermAt
 from toy_overrides import QUICK_TOY
 
 RUN = [
@@ -113,23 +111,11 @@ def test_best_checkpoint_is_chosen_on_a_fresh_evaluation(tmp_path):
     assert (out / "final_model" / "model.safetensors").exists()
 
 
-class SignalAtStep(L.Callback):
-    """Delivers a SIGTERM to the preemption callback during the given training step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_rl_step_end(self, trainer, module, record) -> None:
-        if module.step_count + 1 == self.step:
-            preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint))
-            preemption.received = signal.SIGTERM
-
-
 def test_a_run_preempted_in_its_last_step_is_finished_by_its_resume(tmp_path):
     out = tmp_path / "run"
     cfg = compose_cfg([*RUN, "max_steps=2", "callbacks.checkpoint.every_n_train_steps=1"], output_dir=out)
     trainer, module, datamodule = build(cfg)
-    trainer.callbacks.append(SignalAtStep(2))
+    trainer.callbacks.append(SigtermAt(2))
     try:
         trainer.fit(module, datamodule=datamodule)
     finally:
@@ -142,6 +128,9 @@ def test_a_run_preempted_in_its_last_step_is_finished_by_its_resume(tmp_path):
                              "callbacks.evaluation.after_training=true", "ckpt_path=last"], output_dir=out))
     assert again.module.step_count == 2 and again.module.rl_step == 2
     assert _step_of(folder / "last.ckpt") == 2
+    # Named by the training step, not by Lightning's global_step (RL + SFT optimizer steps).
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-000001.ckpt", "step-000002.ckpt"]
+    assert _step_of(folder / "step-000002.ckpt") == 2
     assert (out / "final_model" / "model.safetensors").exists()
     assert _trained_steps(out) == [1, 2]  # the resume logs only an evaluation: step 2's row stays
 
@@ -151,3 +140,59 @@ def test_linking_last_to_a_top_k_file_is_refused():
 
     with pytest.raises(ValueError, match="save_last=link is not supported"):
         TrainingStepCheckpoint(dirpath="/tmp/unused", save_last="link")
+
+
+EVAL_EVERY_2 = [
+    *RUN, "max_steps=4", "callbacks.checkpoint.every_n_train_steps=1",
+    "callbacks.evaluation.every_n_steps=2", "callbacks.evaluation.after_training=true",
+    "callbacks.checkpoint.monitor=val/avg", "callbacks.checkpoint.save_top_k=1",
+    "callbacks.checkpoint.filename='best-{step:.0f}'", "callbacks.checkpoint.export_hf=false",
+    "reward._target_=stub_rewards.HashReward",  # scores that are not all 0
+]
+
+
+def _evaluations(out) -> dict[int, float]:
+    """step -> val/avg, from the run's metrics.csv."""
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        return {int(float(r["step"])): float(r["val/avg"]) for r in csv.DictReader(f) if r.get("val/avg")}
+
+
+def _per_problem(out) -> list[dict]:
+    """Every evaluation's per-problem lines (scores and response lengths), in step order."""
+    lines = [json.loads(line) for line in (out / "eval" / "per_problem.jsonl").read_text().splitlines()]
+    return sorted(lines, key=lambda line: (line["step"], line["set"]))
+
+
+@pytest.fixture(scope="module")
+def evaluated_every_2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight_eval")
+    result = fit(compose_cfg(EVAL_EVERY_2, output_dir=out))
+    return result, out
+
+
+@pytest.mark.parametrize("in_evaluation", [False, True], ids=["step", "evaluation"])
+def test_a_preemption_at_an_evaluation_step_is_evaluated_by_the_resume(evaluated_every_2, tmp_path, in_evaluation):
+    straight, straight_out = evaluated_every_2
+    out = tmp_path / "run"
+    trainer, module, datamodule = build(compose_cfg(EVAL_EVERY_2, output_dir=out))
+    trainer.callbacks.append(SigtermAt(2, in_evaluation))
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        module.teardown("fit")
+    assert module.preempted and _step_of(out / "checkpoints" / "preempted.ckpt") == 2
+    resumed = fit(compose_cfg([*EVAL_EVERY_2, "ckpt_path=last"], output_dir=out))
+    # The interrupted evaluation of step 2 runs first: the straight run's scores and per-problem
+    # lines (response lengths included), and its candidacy for the best checkpoint.
+    assert sorted(_evaluations(out)) == [2, 4]
+    assert _evaluations(out) == _evaluations(straight_out)
+    assert _per_problem(out) == _per_problem(straight_out)
+    best, straight_best = resumed.trainer.checkpoint_callback, straight.trainer.checkpoint_callback
+    assert float(best.best_model_score) == float(straight_best.best_model_score)
+    assert _step_of(best.best_model_path) == _step_of(straight_best.best_model_path)
+    # ... written by the resume before its first step: the random streams that step starts from.
+    ours, theirs = (torch.load(c.best_model_path, weights_only=False)["relift"]["rng"] for c in (best, straight_best))
+    assert torch.equal(ours[0]["torch"], theirs[0]["torch"]) and ours[0]["python"] == theirs[0]["python"]
+    # The same checkpoint files as the straight run's (and preempted.ckpt).
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == sorted([*(p.name for p in (straight_out / "checkpoints").iterdir()), "preempted.ckpt"])

@@ -116,7 +116,7 @@ def test_a_preempted_run_says_so_and_evaluate_scores_its_checkpoint(tmp_path, mo
     def signal_during_step_1(self, trainer, module, *args):
         start(self, trainer, module, *args)
         if module.step_count == 0:
-            self.received = signal.SIGTERM  # as if the scheduler sent it during the first step
+            self.latch.received = signal.SIGTERM  # as if the scheduler sent it during the first step
 
     monkeypatch.setattr(PreemptionCheckpoint, "on_train_batch_start", signal_during_step_1)
     out = tmp_path / "run"

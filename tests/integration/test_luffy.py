@@ -158,3 +158,23 @@ def test_update_and_metrics_do_not_depend_on_micro_batching(tmp_path):
         assert split_steps.metrics[0][key] == pytest.approx(whole_steps.metrics[0][key], rel=1e-5)
     for a, b in zip(whole.policy.parameters(), split.policy.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+class DemosInFirstHalf(L.Callback):
+    """Only the first half of each batch keeps its demonstration."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        for row in batch[len(batch) // 2 :]:
+            row.pop("demo_ids", None)
+
+
+def test_demonstration_means_do_not_depend_on_mini_batches(tmp_path):
+    # Two mini-batches, the second without demonstration tokens: the means over demonstration
+    # tokens are those of one mini-batch (learning rate 0: both see the same policy), not halved.
+    common = ["max_steps=1", "data.train_rows.levels=[1,2]", "algorithm.rl_optimizer.lr=0"]
+    one, one_steps = _run(tmp_path / "a", *common, callbacks=[DemosInFirstHalf()])
+    two, two_steps = _run(tmp_path / "b", *common, "algorithm.num_mini_batches=2",
+                          callbacks=[DemosInFirstHalf()])
+    assert one_steps.metrics[0]["luffy/demos_mixed"] == two_steps.metrics[0]["luffy/demos_mixed"] == 2
+    for key in ("luffy/off_policy_prob", "luffy/shaped_prob", "luffy/off_policy_token_frac"):
+        assert two_steps.metrics[0][key] == pytest.approx(one_steps.metrics[0][key], rel=1e-5), key

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -157,8 +158,10 @@ def _check_clean_stop(result, name: str, run_dir: Path) -> int:
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(runs):
     run_dir, first, first_checkpoint, _ = runs
     stopped = _check_clean_stop(first, "SIGTERM", run_dir)
-    # Signalled once step 1 was checkpointed: stopped at the end of a later step, not mid-step.
-    assert first_checkpoint["relift"]["step_count"] == stopped >= 2
+    # Signalled once step 1 was checkpointed: stopped at a step's end, that of step 2 if it had
+    # begun, else before it.
+    assert first_checkpoint["relift"]["step_count"] == stopped
+    assert stopped in (1, 2)
 
 
 def test_resumed_run_continues_and_sigint_saves_and_exits_cleanly(runs):
@@ -167,11 +170,13 @@ def test_resumed_run_continues_and_sigint_saves_and_exits_cleanly(runs):
     stopped = _check_clean_stop(second, "SIGINT", run_dir)
     assert stopped > resumed_from
     assert _load(run_dir / "checkpoints" / "preempted.ckpt")["relift"]["step_count"] == stopped
-    # The resumed run wrote the checkpoints of the steps after the one it resumed from. A
-    # preempted step is saved once, as preempted.ckpt: the grace period is short.
+    # Every step's checkpoint is there, the one the resume started from included (a step
+    # preempted before its saves has them done by its resume); the last step's only if the
+    # signal came after them (before the next step began): a step preempted at its end is saved
+    # once, as preempted.ckpt (the grace period is short).
+    saved_before_signal = stopped == resumed_from + 1  # the signal followed that step's checkpoint
     written = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.ckpt"))
-    expected = [s for s in range(1, stopped + 1) if s not in (resumed_from, stopped)]
-    assert written == [f"step-{s:06d}.ckpt" for s in expected]
+    assert written == [f"step-{s:06d}.ckpt" for s in range(1, stopped + saved_before_signal)]
 
 
 def test_preempted_and_resumed_run_matches_a_straight_run(runs, tmp_path):
@@ -181,7 +186,9 @@ def test_preempted_and_resumed_run_matches_a_straight_run(runs, tmp_path):
     fit(compose_cfg([*RUN, f"max_steps={stopped}"], output_dir=straight_dir))
     resumed_from = int(first[3].group(3))
     pairs = [
-        # The first step after the resume, and the end of the resumed run.
+        # The step resumed from (written by the resume when the first run stopped at its end),
+        # the first step after the resume, and the end of the resumed run.
+        (f"step-{resumed_from:06d}.ckpt", f"step-{resumed_from:06d}.ckpt"),
         (f"step-{resumed_from + 1:06d}.ckpt", f"step-{resumed_from + 1:06d}.ckpt"),
         ("preempted.ckpt", f"step-{stopped:06d}.ckpt"),
     ]
@@ -198,18 +205,23 @@ def test_preempted_and_resumed_run_matches_a_straight_run(runs, tmp_path):
                 assert torch.equal(sa["exp_avg"], sb["exp_avg"]), ours
 
 
-def _catches_sigterm(pid: int) -> bool:
-    """Whether the process has installed a SIGTERM handler (bit 15 of SigCgt in /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+def _python_catching_sigterm(pid: int) -> bool:
+    """Whether ``pid`` runs this Python (not a forked ``timeout`` before its exec, which holds
+    ``timeout``'s own handlers) and has installed a SIGTERM handler (bit 15 of SigCgt)."""
+    with contextlib.suppress(OSError):  # not started yet, or gone
+        if Path(f"/proc/{pid}/exe").resolve() != Path(sys.executable).resolve():
+            return False
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
     return False
 
 
 def test_sigterm_before_the_first_step_saves_and_stops(tmp_path):
-    # A long before-training evaluation (at 7B: 8 sets at 8k tokens) is a wide window. The
-    # handler is installed from setup on; a SIGTERM then must end in preempted.ckpt at step 0
-    # and a clean stop before any step, never in a silent exit 0 with nothing saved.
+    # train.py catches SIGTERM from its first line: a signal while it imports, loads the model
+    # (minutes at 7B), sets up or runs the long before-training evaluation (at 7B: 8 sets at 8k
+    # tokens) must end in preempted.ckpt at step 0 and a clean stop before any step, never in
+    # a killed process or a silent exit 0 with nothing saved. Sent as soon as the handler is in.
     run_dir = tmp_path / "early"
     proc = _train(run_dir, "max_steps=50", "callbacks.evaluation.before_training=true",
                   "callbacks.evaluation.max_problems=64", "callbacks.evaluation.k=8")
@@ -217,12 +229,11 @@ def test_sigterm_before_the_first_step_saves_and_stops(tmp_path):
         deadline = time.monotonic() + 240
         while True:
             children = _children(proc.pid)
-            if children and _catches_sigterm(children[0]):
+            if children and _python_catching_sigterm(children[0]):
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"no SIGTERM handler appeared (rc {proc.returncode})")
             time.sleep(0.05)
-        time.sleep(1.0)  # into the evaluation (or still in setup: both must be handled)
         for pid in _tree(children[0]):
             os.kill(pid, signal.SIGTERM)
     except BaseException:
@@ -256,3 +267,56 @@ def test_signal_handlers_are_restored_after_a_failed_fit(tmp_path):
         finally:
             module.teardown("fit")
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+class HandlerSeen(L.Callback):
+    """Records the SIGTERM handler in force at train end, after the preemption callback's hook."""
+
+    def __init__(self) -> None:
+        self.at_train_end = None
+
+    def on_train_end(self, trainer, module) -> None:
+        self.at_train_end = signal.getsignal(signal.SIGTERM)
+
+
+def test_no_sigterm_handler_but_the_preemption_callbacks_is_ever_in_force(tmp_path):
+    # Lightning installs its own SIGTERM handler just before training (it kills the other ranks
+    # and broadcasts from inside the handler); the final step's evaluation, saves and export
+    # run in on_train_end hooks after the preemption callback's.
+    from callbacks.preemption import PreemptionCheckpoint
+    from relift_pl.train import build
+
+    trainer, module, datamodule = build(compose_cfg([*RUN, "max_steps=1"], output_dir=tmp_path))
+    preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint))
+    seen, register = [], trainer._signal_connector.register_signal_handlers
+
+    def register_and_look():
+        register()
+        seen.append(signal.getsignal(signal.SIGTERM))
+
+    trainer._signal_connector.register_signal_handlers = register_and_look
+    at_end = HandlerSeen()
+    trainer.callbacks.append(at_end)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        module.teardown("fit")
+    ours = preemption.latch._handle
+    assert seen == [ours] and at_end.at_train_end == ours
+    assert signal.getsignal(signal.SIGTERM) == before  # restored after the run
+
+
+def test_a_signal_before_the_trainer_exists_stops_the_run_before_its_first_step(tmp_path):
+    # train.py catches SIGTERM from its first line: a signal while it imports, builds the model
+    # or loads weights ends like one during setup (a step-0 preempted.ckpt, a clean stop).
+    from relift_pl.signals import catch_from_start
+
+    latch = catch_from_start()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        result = fit(compose_cfg([*RUN, "max_steps=3"], output_dir=tmp_path))
+    finally:
+        latch.restore()
+    assert result.module.preempted and result.module.step_count == 0
+    assert _load(tmp_path / "checkpoints" / "preempted.ckpt")["relift"]["step_count"] == 0

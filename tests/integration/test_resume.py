@@ -86,3 +86,18 @@ def test_checkpoint_holds_everything(runs):
     (rank0,) = relift["rng"]  # one state per rank
     assert {"python", "numpy", "torch"} <= rank0.keys()
     assert any("HardQuestionMining" in key for key in state["callbacks"])
+
+
+def test_the_log_prob_check_patience_survives_a_checkpoint(tmp_path):
+    # rollout.max_logprob_diff_mean stops a run after 3 RL steps in a row above it: a resume
+    # between the second and the third must not start the count again.
+    from relift_pl.train import build
+
+    cfg = compose_cfg([*RUN, "max_steps=4"], output_dir=tmp_path)
+    _, module, _ = build(cfg)
+    module.mismatch_strikes = 2
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    _, resumed, _ = build(cfg)
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.mismatch_strikes == 2

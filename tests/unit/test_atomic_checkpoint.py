@@ -132,3 +132,22 @@ def test_replace_dir_swaps_whole_folders(tmp_path):
     replace_dir(new, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+
+
+def test_ckpt_path_last_falls_back_past_a_damaged_newer_checkpoint(tmp_path, caplog):
+    from relift_pl.checkpoint import resolve_ckpt_path
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    torch.save({"tag": "good"}, folder / "last.ckpt")
+    (folder / "preempted.ckpt").write_bytes(b"PK\x03\x04 cut short")
+    os.utime(folder / "last.ckpt", (1, 1))  # preempted.ckpt is the newer one
+    with caplog.at_level("WARNING"):
+        assert resolve_ckpt_path("last", tmp_path) == str(folder / "last.ckpt")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"checkpoint {folder / 'preempted.ckpt'} is truncated or corrupted")
+    assert warning.endswith(f"ckpt_path=last resumes from {folder / 'last.ckpt'}, the newest intact one")
+    (folder / "last.ckpt").write_bytes(b"damaged too")
+    os.utime(folder / "last.ckpt", (1, 1))
+    with pytest.raises(ValueError, match=r"preempted\.ckpt is truncated or corrupted"):
+        resolve_ckpt_path("last", tmp_path)

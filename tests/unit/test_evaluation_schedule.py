@@ -84,6 +84,21 @@ def test_a_step_the_run_was_preempted_at_is_not_evaluated(trainer):
     assert evaluated_steps(evaluation) == [1]
 
 
+@pytest.mark.parametrize(("resumed_at", "evaluated"), [(2, [2]), (3, []), (5, [5])])
+def test_a_resume_first_evaluates_the_step_its_checkpoint_did_not(trainer, resumed_at, evaluated):
+    # Every 2 steps and the last (5): a checkpoint of step 2 or 5 written before that step's
+    # evaluation (a preemption) is evaluated first; step 3 is not due.
+    module = ScriptedModule(SCRIPT, HashReward())
+    module.max_steps = 5
+    evaluation = BenchmarkEvaluation(k=2, every_n_steps=2)
+    evaluation.load_state_dict({"history": [(0, {"val/avg": 0.5})], "last_eval_step": 0})
+    module.step_count = resumed_at
+    evaluation.on_train_start(trainer, module)
+    assert evaluated_steps(evaluation) == [0, *evaluated]
+    evaluation.on_train_start(trainer, module)  # from a checkpoint written after it: not again
+    assert evaluated_steps(evaluation) == [0, *evaluated]
+
+
 def test_after_training_false_skips_the_final_evaluation(trainer):
     module = ScriptedModule(SCRIPT, HashReward())
     evaluation = BenchmarkEvaluation(k=2, before_training=False, after_training=False)
@@ -123,9 +138,13 @@ def test_a_preemption_signal_stops_an_evaluation_between_generate_calls(trainer,
 
     def counted(*args, **kwargs):
         calls.append(1)
-        preemption.received = signal.SIGTERM  # the signal lands during the first call
+        preemption.latch.received = signal.SIGTERM  # the signal lands during the first call
         return generate(*args, **kwargs)
 
     module.generate = counted
+    saved = []
+    trainer.save_checkpoint = lambda path, weights_only: saved.append(path)
     assert evaluation.run(trainer, module) == {}
     assert len(calls) == 1 and evaluation.history == [] and "val/avg" not in trainer.callback_metrics
+    # preempted.ckpt at once, before the step's other saves: the resumed run evaluates first.
+    assert saved == [tmp_path / "preempted.ckpt"] and module.preempted and trainer.should_stop

@@ -15,7 +15,7 @@ def _rows(path) -> list[tuple[int, str]]:
 
 def _logger(tmp_path, resumed_step: int | None) -> ContinuingCSVLogger:
     logger = ContinuingCSVLogger(save_dir=tmp_path, name="csv", version="")
-    logger.start(resumed_step)  # what LogContinuation does at fit start
+    logger.start(resumed_step)  # what LogContinuation does at train start
     return logger
 
 

@@ -248,3 +248,12 @@ def test_logprob_path_formula_matches_measured_peak():
     formula = logprob_path_bytes(shape, predicted, None) - logprob_path_bytes(shape, predicted, 16)
     measured = peaks[None] - peaks[16]
     assert abs(measured - formula) <= 0.05 * formula, (measured, formula)  # measured: 0.97
+
+
+def test_sft_then_rl_counts_its_sft_optimizer(make_cfg):
+    # Its warm-up steps are SFT steps with the SFT AdamW, although sft_enabled is false.
+    cfg = make_cfg("experiment=relift_qwen_math_7b", "trainer=fsdp_8gpu", "algorithm=sft_then_rl",
+                   "algorithm.offload_sft_optimizer=false")
+    plan = plan_memory(QWEN_7B, run_shape_from_config(cfg))
+    assert [phase.name for phase in plan.phases] == ["rollout", "RL update", "SFT step"]
+    assert _items(plan.phases[0])["SFT AdamW moments (shard)"].bytes == 2 * 7_615_616_512 * 4 // 8

@@ -40,3 +40,19 @@ def test_an_absent_or_short_shard_is_missing(sharded):
 def test_missing_files_are_told_by_rank():
     assert _shard_owners(["__1_0.distcp"]) == "rank 1's shard"
     assert _shard_owners(["__1_0.distcp", "__3_0.distcp", "__3_1.distcp"]) == "the shards of ranks 1, 3"
+
+
+def test_a_load_that_fails_names_the_corrupted_shard(sharded):
+    from relift_pl.checkpoint import unreadable_checkpoint
+
+    shard = sharded / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 32] = bytes(32)  # bit rot inside a tensor: sizes intact
+    shard.write_bytes(bytes(data))
+    assert check_checkpoint_file(sharded) == sharded  # every shard there, as long as it says
+    error = unreadable_checkpoint(sharded, RuntimeError("PytorchStreamReader failed\nmore"))
+    assert str(error) == (
+        f"checkpoint folder {sharded} could not be loaded (RuntimeError: PytorchStreamReader failed); "
+        "its shard __0_0.distcp is corrupted (a CRC check fails); resume from an earlier one with "
+        "ckpt_path=<path> (see the checkpoints/ folder)"
+    )

@@ -269,3 +269,26 @@ def test_hostile_answers_cost_the_trainer_linear_time():
     for mode in ("choice", "integer"):
         assert reward(responses, ["A"] * len(responses), [mode] * len(responses)).rewards == zeros
     assert time.process_time() - start < 4.0  # ~0.1 s; the backtracking regexes took minutes
+
+
+def test_a_preemption_signal_while_a_worker_starts_leaves_it_running(monkeypatch):
+    # A scheduler signals every process of the job; a worker that is still importing (seconds:
+    # sympy) must not die of it, or the trainer fails before it can save a checkpoint.
+    import subprocess
+
+    import relift_pl.rewards.verifier as verifier_lib
+
+    real_popen = subprocess.Popen
+
+    def popen_then_signal(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)  # exec'd: the worker's Python is only starting
+        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGINT)
+        return proc
+
+    monkeypatch.setattr(verifier_lib.subprocess, "Popen", popen_then_signal)
+    verifier = MathVerifyReward(num_workers=1)
+    try:
+        assert verifier([boxed(r"\frac{2}{4}")], ["0.5"]).rewards == [1.0]  # math-verify's path
+    finally:
+        verifier.close()
