@@ -122,3 +122,6 @@ def test_a_node_local_checkpoint_folder_fails_the_save_on_every_rank(tmp_path):
     print(f"node-local checkpoint folder stopped in {launch.seconds:.0f} s: {line}")
     saved = local / "checkpoints"
     assert not (saved / "step-000001.ckpt").exists() and not (saved / "last.ckpt").exists()
+    # The incomplete save's folder is gone, on node 0 and on node 1's own disk.
+    assert not (saved / "step-000001.ckpt.tmp").exists()
+    assert not (private / "checkpoints" / "step-000001.ckpt.tmp").exists()
