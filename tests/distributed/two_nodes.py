@@ -105,22 +105,27 @@ def launch_two_nodes(
     procs = []
     started = time.monotonic()
     for node in (0, 1):
-        script = [str(TRAIN)]
-        if node == 1 and node1_waits_for is not None:
-            script = [str(START_LATE), str(node1_waits_for), str(TRAIN)]
         command = [
             "timeout", "-k", "10", str(timeout_s),
             sys.executable, "-m", "torch.distributed.run",
             "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
             "--master-addr", "127.0.0.1", "--master-port", str(port),
-            *script, *overrides,
+            *_train_script(node, node1_waits_for), *overrides,
         ]  # fmt: skip
         if node == 1 and node1_prefix:
             command = [*node1_prefix, *command]
-        procs.append(subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))  # fmt: skip
+        procs.append(_start(command, cwd, env))
     return _finish(procs, started)
+
+
+def _train_script(node: int, node1_waits_for: Path | None) -> list[str]:
+    if node == 1 and node1_waits_for is not None:
+        return [str(START_LATE), str(node1_waits_for), str(TRAIN)]
+    return [str(TRAIN)]
+
+
+def _start(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(procs: list[subprocess.Popen], started: float) -> Launch:
@@ -153,12 +158,7 @@ def launch_srun_tasks(cwd: Path, overrides: list[str], timeout_s: int = 420,
     procs = []
     started = time.monotonic()
     for rank in (0, 1):
-        script = [str(TRAIN)]
-        if rank == 1 and node1_waits_for is not None:
-            script = [str(START_LATE), str(node1_waits_for), str(TRAIN)]
         env = job | {"SLURM_PROCID": str(rank), "SLURM_LOCALID": "0", "SLURM_NODEID": str(rank)}
-        command = ["timeout", "-k", "10", str(timeout_s), sys.executable, *script, *overrides]
-        procs.append(subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))  # fmt: skip
+        command = ["timeout", "-k", "10", str(timeout_s), sys.executable, *_train_script(rank, node1_waits_for)]
+        procs.append(_start([*command, *overrides], cwd, env))
     return _finish(procs, started)
