@@ -32,8 +32,10 @@ other mount points) pass when they see each other's markers.
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -129,6 +131,7 @@ class RunFolderProbe(HydraCallback):
         if problem:
             _unwritable = (folder, problem)
             folder = tempfile.mkdtemp(prefix="relift-unwritable-run-dir-")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the run stops at the check
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.run.dir = folder
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from datetime import timedelta
 
 import pytest
@@ -214,7 +215,8 @@ def test_the_probe_fixes_a_writable_run_folder(launcher, tmp_path):
     assert run_folder_in_use(str(tmp_path / "run")) == (str(tmp_path / "run"), None)
 
 
-def test_a_rank_that_cannot_write_its_run_folder_runs_in_a_temporary_one(launcher, tmp_path):
+def test_a_rank_that_cannot_write_its_run_folder_runs_in_a_temporary_one(launcher, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     (tmp_path / "not_a_folder").write_text("")  # cannot be created: a file is in the way
     wanted = str(tmp_path / "not_a_folder" / "run")
     cfg = _hydra_cfg(wanted)
