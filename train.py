@@ -16,6 +16,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from relift_pl.cli import check_top_level_keys, config_errors, say  # noqa: E402
+from relift_pl.run_folder import run_folder_in_use  # noqa: E402
 from relift_pl.train import train  # noqa: E402
 
 
@@ -23,7 +24,7 @@ from relift_pl.train import train  # noqa: E402
 def main(cfg: DictConfig) -> None:
     with config_errors():  # a bad value: one line, no traceback
         check_top_level_keys(cfg, "train")
-        say(f"run directory: {cfg.paths.output_dir}")
+        say(f"run directory: {run_folder_in_use(cfg.paths.output_dir)[0]}")
         train(cfg)
         say(f"outputs (checkpoints, logs, summary.json) are in {cfg.paths.output_dir}")
 

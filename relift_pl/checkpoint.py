@@ -27,6 +27,24 @@ RESUMABLE_NAMES = ("preempted.ckpt", "last.ckpt")
 log = logging.getLogger(__name__)
 
 
+def named_abspath(path: str | os.PathLike) -> str:
+    """``path`` made absolute as named, symlinks kept: against the working directory as the
+    shell named it ($PWD, when that is this directory) rather than its physical path. Nodes
+    that reach one shared folder through different symlinks or mount points then name it
+    alike, and every rank can use the name rank 0 chose (a resolved path may exist on rank 0's
+    node only)."""
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    cwd = os.environ.get("PWD")
+    try:
+        if not cwd or not os.path.isabs(cwd) or not os.path.samefile(cwd, "."):
+            cwd = os.getcwd()
+    except OSError:
+        cwd = os.getcwd()
+    return os.path.normpath(os.path.join(cwd, path))
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes ``<file>.tmp`` then renames it over ``<file>``: a kill mid-write never leaves a
     half-written checkpoint under the real name, and the previous one stays intact.
@@ -110,6 +128,11 @@ class TrainingStepCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, export_hf: bool = False, export_dir: str | None = None,
                  export_dtype: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        dirpath = kwargs.get("dirpath", args[0] if args else None)
+        if dirpath is not None and self.dirpath == os.path.realpath(os.path.expanduser(dirpath)):
+            # Lightning resolves symlinks here, then every rank writes into rank 0's resolved
+            # path, which another node may reach only through its own symlink or mount point.
+            self.dirpath = named_abspath(dirpath)
         if export_hf and not export_dir:
             raise ValueError("callbacks.checkpoint.export_dir must be set when export_hf is true")
         if self.save_last == "link":

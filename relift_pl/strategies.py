@@ -7,7 +7,8 @@ that mixes two steps' shards under the real name. Here every rank writes into
 ``<name>.tmp``, all ranks wait, rank 0 checks that every rank's shard arrived (a node whose
 checkpoint folder is on its own disk writes its shard where rank 0 cannot see it), and only then
 swaps the finished folder into place (the old one is renamed aside, then removed), so ``<name>``
-is always one complete save.
+is always one complete save; an incomplete save's ``<name>.tmp`` is removed (also from the disks
+of nodes that wrote where rank 0 cannot see).
 
 torch's ``get_optimizer_state_dict`` (used to save, and to load) gives an optimizer that has
 no state yet a placeholder one: it steps it at lr 0, so AdamW's moments exist with step 1, and
@@ -104,6 +105,10 @@ class ModelParallelStrategy(_ModelParallelStrategy):
         self.barrier("relift_checkpoint_written")  # every rank's shards and rank 0's metadata
         missing = self.broadcast(_missing_after_save(tmp) if self.global_rank == 0 else None)
         if missing:  # every rank stops here alike; the previous <name> stays as it was
+            if self.global_rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.barrier("relift_checkpoint_incomplete")
+            shutil.rmtree(tmp, ignore_errors=True)  # a node-local disk's copy (shared: gone already)
             raise RunFolderError(
                 f"checkpoint {path} lacks {_shard_owners(missing)} ({', '.join(missing[:4])}), written "
                 "where rank 0 cannot see it: every node must write checkpoints to one shared "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,15 @@ from relift_pl.loggers import ContinuingCSVLogger, LogContinuation
 from relift_pl.models import load_policy, load_tokenizer, resolve_model_path
 from relift_pl.module import ReLIFTModule
 from relift_pl.quiet import quiet_known_noise
-from relift_pl.run_folder import RunFolderCheck, register_resolvers, resolve_resume
+from relift_pl.run_folder import (
+    RunFolderCheck,
+    RunFolderError,
+    launched_world_size,
+    register_resolvers,
+    resolve_resume,
+    run_folder_in_use,
+    unwritable_line,
+)
 from relift_pl.stop_tokens import apply_stop_tokens
 from relift_pl.summary import RunSummary
 from relift_pl.validation import check_config, instantiate_checked
@@ -110,11 +119,16 @@ def fit(cfg: DictConfig) -> FitResult:
     """Like :func:`train`, but also returns the trainer, module and datamodule (for tests)."""
     os.makedirs(cfg.paths.output_dir, exist_ok=True)
     started = time.time()
+    # A run folder this rank cannot write (it runs in a temporary one meanwhile): alone, stop
+    # now; with other ranks, at set-up on every rank (RunFolderCheck), not here alone.
+    folder, write_error = run_folder_in_use(cfg.paths.output_dir)
+    if write_error and launched_world_size() <= 1:
+        raise RunFolderError(unwritable_line(0, socket.gethostname(), folder, write_error))
     # Before building: a missing or broken checkpoint fails before the model loads (under a
     # multi-rank launch, on every rank at set-up: RunFolderCheck).
     ckpt_path, resume_problem = resolve_resume(cfg.get("ckpt_path"), cfg.paths.output_dir)
     trainer, module, datamodule = build(cfg, training=True)
-    trainer.callbacks.insert(0, RunFolderCheck(cfg.paths.output_dir, resume_problem))
+    trainer.callbacks.insert(0, RunFolderCheck(folder, resume_problem, write_error))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     evaluation = next((c for c in trainer.callbacks if isinstance(c, BenchmarkEvaluation)), None)
     # "before" is the step-0 evaluation only, "after" the newest later one (either may be None).

@@ -1,6 +1,7 @@
-"""Past one node: 2 nodes x 1 process on CPU (two torchrun launches, gloo) through train.py
-trainer=multinode: one run folder, sharded checkpoints, a bitwise resume, and node-local disks
-stopped with one line on every rank."""
+"""Past one node: 2 nodes x 1 process on CPU (two torchrun launches, or two srun tasks, gloo)
+through train.py trainer=multinode: one run folder, sharded checkpoints, a bitwise resume,
+node-local disks and a read-only run folder stopped with one line on every rank, and a run
+folder reached through different symlinks accepted."""
 
 from __future__ import annotations
 
@@ -18,7 +19,14 @@ from conftest import compose_cfg  # noqa: E402
 from relift_pl.checkpoint import check_checkpoint_file  # noqa: E402
 from relift_pl.models import resolve_model_path  # noqa: E402
 from toy_overrides import QUIET_TOY  # noqa: E402
-from two_nodes import TWO_NODES, can_unshare, launch_two_nodes, private_mount  # noqa: E402
+from two_nodes import (  # noqa: E402
+    TWO_NODES,
+    can_unshare,
+    launch_srun_tasks,
+    launch_two_nodes,
+    own_mounts,
+    private_mount,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -42,10 +50,15 @@ def _error_lines(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """4 steps on 2 nodes, checkpoints at 2 and 4; node 1's rank starts over a second late."""
+def toy_base():
+    """The toy base, built once here (not by both ranks at once)."""
     cfg = compose_cfg(RUN)
-    resolve_model_path(cfg.model.name_or_path, instantiate(cfg.model.build))  # build the base once
+    resolve_model_path(cfg.model.name_or_path, instantiate(cfg.model.build))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, toy_base):
+    """4 steps on 2 nodes, checkpoints at 2 and 4; node 1's rank starts over a second late."""
     shared = tmp_path_factory.mktemp("shared")
     launch = launch_two_nodes(shared, [*RUN, "max_steps=4"], node1_waits_for=shared / "outputs")
     assert [n.returncode for n in launch.nodes] == [0, 0], launch.report()
@@ -105,7 +118,7 @@ def test_a_node_local_run_folder_stops_a_resume_on_every_rank(straight, tmp_path
 
 
 @needs_unshare
-def test_a_node_local_checkpoint_folder_fails_the_save_on_every_rank(tmp_path):
+def test_a_node_local_checkpoint_folder_fails_the_save_on_every_rank(tmp_path, toy_base):
     """The run folder is shared but callbacks.checkpoint.dirpath is on node-local disks: the
     first sharded save lacks rank 1's shard on node 0, so it does not count and every rank
     stops with one line (before the check, the run exited 0 with incomplete checkpoints)."""
@@ -122,3 +135,67 @@ def test_a_node_local_checkpoint_folder_fails_the_save_on_every_rank(tmp_path):
     print(f"node-local checkpoint folder stopped in {launch.seconds:.0f} s: {line}")
     saved = local / "checkpoints"
     assert not (saved / "step-000001.ckpt").exists() and not (saved / "last.ckpt").exists()
+    # The incomplete save's folder is gone, on node 0 and on node 1's own disk.
+    assert not (saved / "step-000001.ckpt.tmp").exists()
+    assert not (private / "checkpoints" / "step-000001.ckpt.tmp").exists()
+
+
+def test_plain_srun_tasks_share_one_run_folder_whatever_the_skew(tmp_path, toy_base):
+    """`srun python train.py ...` without hydra.run.dir: the two tasks (Lightning's
+    SLURMEnvironment, no torchrun store) take outputs/slurm-<job id>-<step id>, though task 1
+    starts after task 0 has written its .hydra folder and the clock's second has moved on."""
+    launch = launch_srun_tasks(tmp_path, [*RUN, "max_steps=1"], timeout_s=300,
+                               node1_waits_for=tmp_path / "outputs")  # fmt: skip
+    assert [n.returncode for n in launch.nodes] == [0, 0], launch.report()
+    folder = tmp_path / "outputs" / "slurm-4242-0"
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == [folder.name]
+    assert (folder / ".hydra").is_dir() and (folder / "train.log").is_file() and (folder / "train_rank1.log").is_file()
+    last = folder / "checkpoints" / "last.ckpt"
+    assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    print(f"2 srun tasks, 1 step: {launch.seconds:.0f} s")
+
+
+@needs_unshare
+def test_a_node_that_cannot_write_the_run_folder_stops_every_rank(tmp_path, toy_base):
+    """Node 1 has the shared filesystem read-only: its rank cannot create or write the run
+    folder. It used to die inside Hydra before any process group existed, leaving rank 0 waiting
+    for it (30 minutes); now every rank stops with one line naming the folder and the rank."""
+    shared = tmp_path / "shared"
+    (shared / "runs").mkdir(parents=True)
+    folder = shared / "runs" / "run"
+    launch = launch_two_nodes(
+        shared, [*RUN, "max_steps=2", f"hydra.run.dir={folder}"], timeout_s=240,
+        node1_prefix=own_mounts(read_only=[shared / "runs"]),
+    )  # fmt: skip
+    for node in launch.nodes:
+        assert node.returncode == 1, launch.report()  # not 124: the timeout's
+        (line,) = _error_lines(node.stderr)
+        assert line.startswith("Error: rank 1 (") and f"cannot write into the run folder {folder} (" in line, line
+        assert "Read-only file system" in line, line
+    assert not (folder / "checkpoints").exists()
+    print(f"read-only run folder on node 1 stopped in {launch.seconds:.0f} s: {line}")
+
+
+@needs_unshare
+def test_nodes_reaching_the_run_folder_through_different_symlinks_train(tmp_path, toy_base):
+    """Both nodes are given <links>/view/run. On node 0 view links to the filesystem's mount
+    point disk_a; node 1 mounts the same filesystem at disk_b (its disk_a is a local, empty
+    folder) and its view links there. Every marker is seen, so the run trains, and each rank
+    writes its shard through its own view (not through rank 0's resolved path)."""
+    disk_a, disk_b, empty = tmp_path / "disk_a", tmp_path / "disk_b", tmp_path / "node1_disk_a"
+    links, links1 = tmp_path / "links", tmp_path / "node1_links"
+    for path in (disk_a, disk_b, empty, links, links1):
+        path.mkdir()
+    (links / "view").symlink_to(disk_a)
+    (links1 / "view").symlink_to(disk_b)
+    folder = links / "view" / "run"
+    node1 = own_mounts(binds=[(disk_a, disk_b), (empty, disk_a), (links1, links)])
+    launch = launch_two_nodes(tmp_path, [*RUN, "max_steps=1", f"hydra.run.dir={folder}"], timeout_s=300,
+                              node1_prefix=node1)  # fmt: skip
+    assert [n.returncode for n in launch.nodes] == [0, 0], launch.report()
+    last = disk_a / "run" / "checkpoints" / "last.ckpt"
+    assert check_checkpoint_file(last) == last
+    assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert (disk_a / "run" / "train_rank1.log").is_file()
+    assert list(empty.iterdir()) == []  # node 1 wrote nothing under rank 0's resolved path
+    print(f"symlinked views, 1 step: {launch.seconds:.0f} s")

@@ -1,9 +1,12 @@
 """One run folder for every rank (relift_pl/run_folder.py): the folder rank 0 stamps reaches the
-others through the launcher's store, per-rank log names, and the start-up check's verdicts."""
+others through the launcher's store, srun's tasks take the job's folder, per-rank log names, a
+rank that cannot write the folder lives on to the check, and the start-up check's verdicts."""
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 from datetime import timedelta
 
 import pytest
@@ -11,20 +14,24 @@ from omegaconf import OmegaConf
 from torch.distributed import TCPStore
 
 from relift_pl import run_folder
+from relift_pl.checkpoint import TrainingStepCheckpoint, named_abspath
 from relift_pl.run_folder import (
     RankView,
     RunFolderCheck,
     RunFolderError,
+    RunFolderProbe,
     agreed_run_dir,
     describe_problem,
     gather_views,
     launch_rank,
     register_resolvers,
     resolve_resume,
+    run_folder_in_use,
+    slurm_run_dir,
 )
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID", "TORCHELASTIC_USE_AGENT_STORE",
-                "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
+                "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_JOB_NAME")  # fmt: skip
 
 
 @pytest.fixture
@@ -33,6 +40,7 @@ def launcher(monkeypatch):
     for name in LAUNCHER_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(run_folder, "_agreed", None)
+    monkeypatch.setattr(run_folder, "_unwritable", None)
 
     def as_rank(rank: int, world: int = 2, **env: str) -> None:
         monkeypatch.setattr(run_folder, "_agreed", None)  # each call is a fresh process
@@ -102,11 +110,17 @@ def test_a_shared_folder_passes():
     assert describe_problem([_view(0), _view(1), _view(2)]) is None
 
 
-def test_ranks_in_different_folders_are_named():
-    problem = describe_problem([_view(0), _view(1, folder="/runs/b")])
+def test_one_folder_named_by_different_paths_passes_when_every_marker_is_seen():
+    # Nodes reaching the shared folder through different symlinks or mount points.
+    assert describe_problem([_view(0, folder="/nfs/a/run"), _view(1, folder="/mnt/a/run")]) is None
+
+
+def test_ranks_in_different_folders_are_named_when_they_miss_the_markers():
+    problem = describe_problem([_view(0, unseen=(1,)), _view(1, folder="/runs/b", sees_rank0=False)])
     assert problem == (
-        "the ranks write into different run folders: rank 0 (node0) into /runs/a, rank 1 (node1) "
-        "into /runs/b; give every rank the same hydra.run.dir, on a filesystem every node shares"
+        "the ranks write into different run folders and do not see each other's files: rank 0 "
+        "(node0) into /runs/a, rank 1 (node1) into /runs/b; give every rank the same "
+        "hydra.run.dir, on a filesystem every node shares"
     )
 
 
@@ -149,10 +163,68 @@ def test_a_rank_that_cannot_write_its_marker_is_named():
     views[1] = RankView(1, "node1", "/runs/a", False, (), None, "PermissionError: [Errno 13] denied")
     assert describe_problem(views) == (
         "rank 1 (node1) cannot write into the run folder /runs/a (PermissionError: [Errno 13] "
-        "denied); every rank writes there (hydra.run.dir)"
+        "denied); every rank writes there: give a hydra.run.dir that every node mounts "
+        "read-write at the same path"
     )
 
 
 def test_a_marker_that_cannot_be_written_is_reported_not_raised(tmp_path):
     (view,) = gather_views(tmp_path / "absent", None, barrier=lambda name: None)
     assert view.write_error.startswith("FileNotFoundError") and not view.sees_rank0
+
+
+def test_srun_tasks_take_the_jobs_folder_whatever_their_stamps(launcher, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PWD", raising=False)
+    for name, value in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16", "SLURM_JOB_NAME": "relift"}.items():
+        monkeypatch.setenv(name, value)
+    assert agreed_run_dir("outputs/2025-01-01/12-00-00") == str(tmp_path / "outputs/slurm-4242")
+    monkeypatch.setenv("SLURM_STEP_ID", "3")
+    monkeypatch.setenv("SLURM_PROCID", "9")  # a later task, a later stamp: the same folder
+    assert agreed_run_dir("outputs/2025-01-01/12-00-07") == str(tmp_path / "outputs/slurm-4242-3")
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # Lightning does not lay ranks out from SLURM
+    assert slurm_run_dir() is None
+    monkeypatch.setenv("SLURM_JOB_NAME", "relift")
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task (a one-task step, the batch shell)
+    assert agreed_run_dir("outputs/a/b") == "outputs/a/b"
+
+
+def test_absolute_paths_keep_the_symlinks_the_shell_named(monkeypatch, tmp_path):
+    real = tmp_path / "disk_a"
+    real.mkdir()
+    (tmp_path / "view").symlink_to(real)
+    monkeypatch.chdir(tmp_path / "view")
+    monkeypatch.setenv("PWD", str(tmp_path / "view"))
+    assert named_abspath("outputs/x") == str(tmp_path / "view/outputs/x")  # not disk_a/outputs/x
+    monkeypatch.setenv("PWD", str(tmp_path))  # a stale PWD (another folder) is not trusted
+    assert named_abspath("outputs/x") == str(real / "outputs/x")
+    checkpoint = TrainingStepCheckpoint(dirpath=str(tmp_path / "view" / "run" / "checkpoints"))
+    assert checkpoint.dirpath == str(tmp_path / "view" / "run" / "checkpoints")  # Lightning resolves
+
+
+def _hydra_cfg(run_dir: str):
+    return OmegaConf.create({"hydra": {"run": {"dir": run_dir}}, "x": 1})
+
+
+def test_the_probe_fixes_a_writable_run_folder(launcher, tmp_path):
+    register_resolvers()
+    cfg = _hydra_cfg(str(tmp_path / "run"))
+    RunFolderProbe().on_run_start(config=cfg)
+    assert cfg.hydra.run.dir == str(tmp_path / "run") and (tmp_path / "run").is_dir()
+    assert list((tmp_path / "run").iterdir()) == []  # its probe file is gone
+    assert run_folder_in_use(str(tmp_path / "run")) == (str(tmp_path / "run"), None)
+
+
+def test_a_rank_that_cannot_write_its_run_folder_runs_in_a_temporary_one(launcher, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / "not_a_folder").write_text("")  # cannot be created: a file is in the way
+    wanted = str(tmp_path / "not_a_folder" / "run")
+    cfg = _hydra_cfg(wanted)
+    RunFolderProbe().on_run_start(config=cfg)
+    assert cfg.hydra.run.dir != wanted and os.access(cfg.hydra.run.dir, os.W_OK)
+    folder, error = run_folder_in_use(cfg.hydra.run.dir)
+    assert folder == wanted and error.startswith("NotADirectoryError")
+    with pytest.raises(RunFolderError, match=f"rank 0 .* cannot write into the run folder {wanted} "):
+        RunFolderCheck(folder, None, error).setup(trainer=None, pl_module=None, stage="fit")
+    (view,) = gather_views(tmp_path / "not_a_folder" / "run", None, barrier=lambda name: None, write_error=error)
+    assert view.write_error == error  # the probe's reason, not the marker's
