@@ -45,9 +45,9 @@ from relift_pl.distributed import (
 )
 from relift_pl.metrics import StepMetrics
 from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
-from relift_pl.step_report import log_step, rollout_metrics, step_metrics
+from relift_pl.step_report import log_step, rollout_metrics, run_totals, step_metrics, throughput
 from relift_pl.stop_tokens import stop_token_ids
-from relift_pl.update import rl_update, sft_update
+from relift_pl.update import Learner, LogprobCheck, UpdateCounters, rl_update, sft_update
 from relift_pl.update.common import move_optimizer_state
 from relift_pl.update.mixing import mix_demonstrations
 
@@ -65,6 +65,19 @@ class StepRecord:
     sampled: Tensor | None = None
     """[B_local, G] True where the row is the policy's own sample (LUFFY mixes demonstrations
     into groups); None: all are."""
+
+
+class _Counter:
+    """A module attribute kept in ``module.counters``, the object the update units change."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, module, owner: type | None = None):
+        return self if module is None else getattr(module.counters, self.name)
+
+    def __set__(self, module, value) -> None:
+        setattr(module.counters, self.name, value)
 
 
 class ReLIFTModule(L.LightningModule):
@@ -87,6 +100,12 @@ class ReLIFTModule(L.LightningModule):
         seed: with several ranks, rank r reseeds its random streams with ``seed + r`` in
             ``setup()``, so ranks sample different rollouts (one process keeps ``seed``'s stream).
     """
+
+    # What the update units count (see UpdateCounters), read and checkpointed as module attributes.
+    weights_version = _Counter()  # callbacks push the weights to the engine when it moves
+    skipped_steps = _Counter()
+    consecutive_skips = _Counter()
+    mismatch_strikes = _Counter()
 
     def __init__(
         self,
@@ -130,7 +149,6 @@ class ReLIFTModule(L.LightningModule):
         self._bounds_config = (max_logprob_diff, max_logprob_diff_mean)
         self.max_logprob_diff: float | None = None
         self.max_logprob_diff_mean: float | None = None
-        self.mismatch_strikes = 0  # RL steps in a row above the mean bound
         self.tis_cap = tis_cap
         self.seed = seed
         self._make_engine = rollout_engine
@@ -143,11 +161,9 @@ class ReLIFTModule(L.LightningModule):
         self.rl_step = 0
         self.sft_step = 0
         self.demos_used: set[str] = set()
-        self.skipped_steps = 0
-        self.consecutive_skips: dict[str, int] = {}  # per optimizer: an SFT step must not hide RL NaNs
+        self.counters = UpdateCounters()
         self._pending_rng_state: dict[str, Any] | None = None
         self.preempted = False  # set by the preemption callback when it stops the run
-        self.weights_version = 0  # bumped by every applied optimizer step (weight-sync callbacks read it)
         self.metrics = StepMetrics()  # the step in progress; callbacks add to it too
         self.time_totals: dict[str, float] = {}  # timing/* summed and perf/peak_* maxed over the run
         self._sync_seconds = 0.0
@@ -270,6 +286,13 @@ class ReLIFTModule(L.LightningModule):
             optimizers = [optimizers]
         return optimizers[self._opt_index[name]]
 
+    def _learner(self, name: str) -> Learner:
+        """What an update unit works with: the policy and the ``rl`` or ``sft`` optimizer."""
+        return Learner(
+            self.policy, self.optimizer(name), self.counters, self.device, self.manual_backward,
+            self.sharded, self.ref_policy, step=self.step_count + 1, rl_step=self.rl_step + 1,
+        )  # fmt: skip
+
     def on_fit_start(self) -> None:
         # After the precision plugin converted the module: put the float32 rotary frequencies back.
         for name, value in self._rotary_fp32.items():
@@ -351,6 +374,7 @@ class ReLIFTModule(L.LightningModule):
         self.metrics = metrics = StepMetrics()
         record = StepRecord(rows=batch, group_rewards=None, responses=None)
         trained_tokens = 0
+        pad_id = self.tokenizer.pad_token_id
 
         # SFT-then-RL: the first sft_warmup_steps training steps are SFT on every demonstration.
         warmup = self.step_count < self.algo.sft_warmup_steps
@@ -369,8 +393,13 @@ class ReLIFTModule(L.LightningModule):
                 rewards, self.algo.group_size, self.algo.scale_advantages_by_std
             )
             demos = self._batch_demos(batch) if self.algo.sft_loss_coef else None
+            check = LogprobCheck(self.max_logprob_diff, self.max_logprob_diff_mean, self.tis_cap)
             with self._timed("rl_update"):
-                rl_update(self, rollout, advantages, metrics, demos, mixed_ids)  # 4.
+                used = rl_update(  # 4.
+                    self._learner("rl"), self.algo, rollout, advantages, metrics, demos, mixed_ids,
+                    temperature=self.sampling.temperature, check=check, pad_id=pad_id,
+                )  # fmt: skip
+            self.demos_used.update(used)
             trained_tokens += int(rollout.attention_mask.sum())
             if demos:  # RL with SFT loss: the demonstrations pass with every RL optimizer step
                 trained_tokens += self.algo.num_mini_batches * self._own_tokens(demos)
@@ -384,14 +413,28 @@ class ReLIFTModule(L.LightningModule):
         rows = self._batch_demos(batch) if warmup else self._due_sft_rows()
         if rows:
             with self._timed("sft"):
-                sft_update(self, rows, metrics)  # 5.
+                used = sft_update(self._learner("sft"), self.algo, rows, metrics, pad_id)  # 5.
+            self.demos_used.update(used)
+            self.sft_step += 1
             trained_tokens += self._own_tokens(rows)
 
         self.step_count += 1
-        step_metrics(self, time.perf_counter() - started, trained_tokens)
-        log_step(self, metrics.reduce(self.device))
+        self._report(time.perf_counter() - started, trained_tokens)
         if self.step_count >= self.max_steps:
             self.trainer.should_stop = True
+
+    def _report(self, seconds: float, trained_tokens: int) -> None:
+        """The step's counters, time and throughput, logged at the training step."""
+        step_metrics(
+            self.metrics, seconds, trained_tokens, self.device, buffer_size=len(self.buffer),
+            demos_used=len(self.demos_used),
+            demos_available=getattr(self.trainer.datamodule, "demos_available", 0),
+            rl_step=self.rl_step, sft_step=self.sft_step, skipped_steps=self.skipped_steps,
+        )  # fmt: skip
+        values = self.metrics.reduce(self.device)
+        values.update(throughput(values, self.policy, self.device))
+        self.time_totals = run_totals(self.time_totals, values)
+        log_step(self.trainer, values, self.step_count, self.log)
 
     def _due_sft_rows(self) -> list[dict[str, Any]] | None:
         """The rows of this training step's SFT step under ``algorithm.sft_schedule``, or None."""

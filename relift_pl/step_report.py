@@ -3,7 +3,7 @@ training step (kept out of the module, which reads as the method's five steps)."
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -12,9 +12,6 @@ from relift_pl.distributed import world_size_and_rank
 from relift_pl.metrics import StepMetrics
 from relift_pl.perf import device_peak_flops, peak_memory_gb, training_flops
 from relift_pl.rollout.base import RolloutBatch
-
-if TYPE_CHECKING:
-    from relift_pl.module import ReLIFTModule
 
 
 def rollout_metrics(
@@ -36,51 +33,65 @@ def rollout_metrics(
     metrics.add("perf/generated_tokens", lengths[sampled].sum())
 
 
-def step_metrics(module: ReLIFTModule, seconds: float, trained_tokens: int) -> None:
+def step_metrics(
+    metrics: StepMetrics, seconds: float, trained_tokens: int, device: torch.device, *,
+    buffer_size: int, demos_used: int, demos_available: int, rl_step: int, sft_step: int,
+    skipped_steps: int,
+) -> None:
     """Counters (the same on every rank), time and memory of the step just finished."""
-    add = module.metrics.add
-    available = max(getattr(module.trainer.datamodule, "demos_available", 0), 1)
     for key, value in (
-        ("buffer/size", len(module.buffer)),
-        ("train/demos_used_frac", len(module.demos_used) / available),
-        ("train/rl_step", module.rl_step),
-        ("train/sft_step", module.sft_step),
-        ("faults/skipped_steps", module.skipped_steps),
+        ("buffer/size", buffer_size),
+        ("train/demos_used_frac", demos_used / max(demos_available, 1)),
+        ("train/rl_step", rl_step),
+        ("train/sft_step", sft_step),
+        ("faults/skipped_steps", skipped_steps),
     ):
-        add(key, value, reduce="same")
-    add("perf/step_seconds", seconds, reduce="max")
-    add("perf/trained_tokens", trained_tokens)
-    key, value = peak_memory_gb(module.device)
-    add(key, value, reduce="max")
+        metrics.add(key, value, reduce="same")
+    metrics.add("perf/step_seconds", seconds, reduce="max")
+    metrics.add("perf/trained_tokens", trained_tokens)
+    key, value = peak_memory_gb(device)
+    metrics.add(key, value, reduce="max")
 
 
-def log_step(module: ReLIFTModule, values: dict[str, float]) -> None:
-    """Logs the step's reduced metrics at the training step (only those it produced), adds the
-    throughput figures, and keeps the run's time totals for its summary."""
+def throughput(values: dict[str, float], policy: torch.nn.Module, device: torch.device) -> dict[str, float]:
+    """The step's throughput figures (``perf/*_per_s``, and ``perf/mfu`` on CUDA) from its reduced
+    metrics ``values``."""
+    out = {}
     rollout_s = values.get("timing/rollout_s", 0.0)
     if rollout_s and "perf/generated_tokens" in values:
-        values["perf/generated_tokens_per_s"] = values["perf/generated_tokens"] / rollout_s
+        out["perf/generated_tokens_per_s"] = values["perf/generated_tokens"] / rollout_s
     update_s = values.get("timing/rl_update_s", 0.0) + values.get("timing/sft_s", 0.0)
     if update_s and values.get("perf/trained_tokens"):
-        values["perf/trained_tokens_per_s"] = values["perf/trained_tokens"] / update_s
-        peak = device_peak_flops(module.device)
+        out["perf/trained_tokens_per_s"] = values["perf/trained_tokens"] / update_s
+        peak = device_peak_flops(device)
         if peak:  # CUDA only: model FLOPs utilisation of the update phase
-            num_params = sum(p.numel() for p in module.policy.parameters())
+            num_params = sum(p.numel() for p in policy.parameters())
             flops = training_flops(num_params, values["perf/trained_tokens"],
-                                   getattr(module.policy, "is_gradient_checkpointing", False))
-            values["perf/mfu"] = flops / (update_s * peak * world_size_and_rank()[0])
-    totals = module.time_totals
+                                   getattr(policy, "is_gradient_checkpointing", False))
+            out["perf/mfu"] = flops / (update_s * peak * world_size_and_rank()[0])
+    return out
+
+
+def run_totals(totals: dict[str, float], values: dict[str, float]) -> dict[str, float]:
+    """The run's totals for its summary after this step: ``timing/*`` summed, ``perf/peak_*``
+    maxed."""
+    totals = dict(totals)
     for key, value in values.items():
         if key.startswith("timing/"):
             totals[key] = totals.get(key, 0.0) + value
         elif key.startswith("perf/peak_"):
             totals[key] = max(totals.get(key, 0.0), value)
-    trainer = module.trainer
+    return totals
+
+
+def log_step(trainer, values: dict[str, float], step: int, log: Callable[..., None]) -> None:
+    """Logs the step's reduced metrics at training step ``step`` (only those it produced); the
+    reward and SFT loss also go to the progress bar through ``log`` (the module's ``self.log``)."""
     # Straight to the loggers at the training step: Lightning's self.log would plot against
     # global_step (RL and SFT optimizer steps together) and repeat stale on-step values.
     for logger in trainer.loggers:
-        logger.log_metrics(values, step=module.step_count)
+        logger.log_metrics(values, step=step)
     trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
     for key in ("train/reward_mean", "sft/loss"):
         if key in values:
-            module.log(key.split("/")[-1], values[key], prog_bar=True, logger=False)
+            log(key.split("/")[-1], values[key], prog_bar=True, logger=False)

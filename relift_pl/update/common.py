@@ -4,7 +4,6 @@ scaled backward, and the optimizer step that skips a non-finite gradient."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -19,35 +18,32 @@ from relift_pl.micro_batching import (
     plan_micro_batches,
     token_budget_groups,
 )
-
-if TYPE_CHECKING:
-    from relift_pl.module import ReLIFTModule
+from relift_pl.update.learner import Learner
 
 
 def plan(
-    module: ReLIFTModule,
     prompt_lengths: Sequence[int],
     response_lengths: Sequence[int],
     prompt_width: int,
     rows: Sequence[int],
     max_seqs: int,
+    max_tokens: int | None,
+    device: torch.device,
 ) -> list[MicroBatch]:
-    """Micro-batches of ``rows``; every rank gets the same count (collectives must match)."""
-    micro = plan_micro_batches(
-        prompt_lengths, response_lengths, prompt_width, rows, max_seqs,
-        module.algo.max_tokens_per_micro_batch,
-    )  # fmt: skip
-    count = int(all_reduce_max(torch.tensor(float(len(micro)), device=module.device, dtype=torch.float32)))
+    """Micro-batches of ``rows`` (at most ``max_seqs`` rows and ``max_tokens`` tokens each, see
+    :func:`plan_micro_batches`); every rank gets the same count (collectives must match)."""
+    micro = plan_micro_batches(prompt_lengths, response_lengths, prompt_width, rows, max_seqs, max_tokens)
+    count = int(all_reduce_max(torch.tensor(float(len(micro)), device=device, dtype=torch.float32)))
     return pad_plan(micro, count)
 
 
 def budget_group_tokens(
-    module: ReLIFTModule,
     prompt_lengths: Sequence[int],
     response_lengths: Sequence[int],
     rows: Sequence[int],
     max_tokens: int,
-    shards: int = 1,
+    shards: int,
+    device: torch.device,
 ) -> Tensor:
     """[N] response tokens of the token-budget group that holds each row of ``rows`` (0 on the
     other rows); see :func:`token_budget_groups`.
@@ -66,72 +62,74 @@ def budget_group_tokens(
     groups = token_budget_groups(costs, max_tokens, min_group_count(costs, max_tokens, shards))
     start = sum(len(part) for part in parts[: world_size_and_rank()[1]])
     sizes = group_sizes(groups, [response for _, response in everyone])[start : start + len(rows)]
-    out = torch.zeros(len(prompt_lengths), device=module.device)  # [N]
-    out[torch.tensor(rows, device=module.device)] = torch.tensor(sizes, device=module.device, dtype=out.dtype)
+    out = torch.zeros(len(prompt_lengths), device=device)  # [N]
+    out[torch.tensor(rows, device=device)] = torch.tensor(sizes, device=device, dtype=out.dtype)
     return out
 
 
-def global_width(module: ReLIFTModule, width: int) -> float:
+def global_width(width: int, device: torch.device) -> float:
     """The widest response block over ranks: the "constant" loss normaliser when none is set."""
-    return float(all_reduce_max(torch.tensor(float(width), device=module.device, dtype=torch.float32)))
+    return float(all_reduce_max(torch.tensor(float(width), device=device, dtype=torch.float32)))
 
 
 def micro_logprobs(
-    module: ReLIFTModule, model, micro: MicroBatch, input_ids: Tensor, attention_mask: Tensor,
-    prompt_width: int, temperature: float = 1.0, with_entropy: bool = True,
+    model, micro: MicroBatch, input_ids: Tensor, attention_mask: Tensor, prompt_width: int,
+    token_chunk: int | None, temperature: float = 1.0, with_entropy: bool = True,
     entropy_grad: bool = True, share_prompts: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """[m, r] log-probs (and entropies) of one micro-batch's response tokens, trimmed columns."""
+    """[m, r] log-probs (and entropies) of one micro-batch's response tokens, trimmed columns
+    (``token_chunk``: ``algorithm.logprob_token_chunk``; ``share_prompts``: each prompt's G
+    samples run their prompt once)."""
     columns = micro.columns(prompt_width)
     return policy_logprobs(
         model, input_ids[micro.rows][:, columns], attention_mask[micro.rows][:, columns],
         micro.response_len, temperature=temperature, with_entropy=with_entropy,
-        entropy_grad=entropy_grad, token_chunk=module.algo.logprob_token_chunk,
-        # Each prompt's G samples: the prompt runs once (not under FSDP2: one forward per
-        # micro-batch is what its hooks are tested with).
-        share_prompts=share_prompts and module.algo.share_prompt_prefix and not module.sharded,
+        entropy_grad=entropy_grad, token_chunk=token_chunk, share_prompts=share_prompts,
     )  # fmt: skip
 
 
-def backward(module: ReLIFTModule, loss: Tensor, weight: float, last: bool) -> None:
+def backward(learner: Learner, loss: Tensor, weight: float, last: bool, defer_sync: bool) -> None:
     """Accumulates ``weight`` x the gradient of ``loss``.
 
     DDP and FSDP2 average gradients over ranks; losses are normalised by global counts, so scaling
-    by the world size turns that average into the sum the loss defines. Under FSDP2 gradients
-    are reduce-scattered only on the ``last`` backward before an optimizer step
-    (``algorithm.defer_grad_sync``): one collective per optimizer step instead of one per
-    micro-batch, at the cost of full-size unsharded gradients meanwhile.
+    by the world size turns that average into the sum the loss defines. Under FSDP2 with
+    ``defer_sync`` (``algorithm.defer_grad_sync``) gradients are reduce-scattered only on the
+    ``last`` backward before an optimizer step: one collective per optimizer step instead of one
+    per micro-batch, at the cost of full-size unsharded gradients meanwhile.
     """
-    if module.sharded and module.algo.defer_grad_sync:
-        module.policy.set_requires_gradient_sync(last)
-    module.manual_backward(loss * (weight * world_size_and_rank()[0]))
+    if learner.sharded and defer_sync:
+        learner.policy.set_requires_gradient_sync(last)
+    learner.backward(loss * (weight * world_size_and_rank()[0]))
 
 
-def optimizer_step(module: ReLIFTModule, optimizer, max_norm: float, name: str) -> Tensor:
-    """Clips, then steps unless the grad norm is not finite (that step is skipped and counted).
+def optimizer_step(learner: Learner, max_norm: float, name: str, max_skips: int) -> Tensor:
+    """Clips, then steps ``learner.optimizer`` unless the grad norm is not finite: that step is
+    skipped and counted in ``learner.counters``, and ``max_skips`` in a row of optimizer ``name``
+    (``algorithm.max_consecutive_skips``) stop the run.
 
     Returns:
         The grad norm before clipping (a 0-dim tensor, the same on every rank).
     """
-    grad_norm = torch.nn.utils.clip_grad_norm_(module.policy.parameters(), max_norm)
+    counters, optimizer = learner.counters, learner.optimizer
+    grad_norm = torch.nn.utils.clip_grad_norm_(learner.policy.parameters(), max_norm)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
     # The one host read of an optimizer step: skipping must be decided on every rank alike.
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
-        module.skipped_steps += 1
-        skips = module.consecutive_skips[name] = module.consecutive_skips.get(name, 0) + 1
-        if skips >= module.algo.max_consecutive_skips:
+        counters.skipped_steps += 1
+        skips = counters.consecutive_skips[name] = counters.consecutive_skips.get(name, 0) + 1
+        if skips >= max_skips:
             raise FloatingPointError(
                 f"{skips} consecutive {name} optimizer steps had a non-finite grad norm (last "
-                f"at training step {module.step_count + 1}); stopping. Lower the learning rate or "
+                f"at training step {learner.step}); stopping. Lower the learning rate or "
                 "check the data (see algorithm.max_consecutive_skips)."
             )
         return grad_norm.detach()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    module.consecutive_skips[name] = 0
-    module.weights_version += 1
+    counters.consecutive_skips[name] = 0
+    counters.weights_version += 1
     return grad_norm.detach()
 
 

@@ -8,11 +8,12 @@ every rank must take part in every collective (FSDP2 all-gathers, DDP all-reduce
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from relift_pl.config import AlgorithmConfig
 from relift_pl.distributed import all_reduce_sum, world_size_and_rank
 from relift_pl.metrics import StepMetrics
 from relift_pl.micro_batching import group_sizes
@@ -25,39 +26,40 @@ from relift_pl.update.common import (
     optimizer_step,
     plan,
 )
-
-if TYPE_CHECKING:
-    from relift_pl.module import ReLIFTModule
+from relift_pl.update.learner import Learner
 
 
-def sft_update(module: ReLIFTModule, rows: list[dict[str, Any]], metrics: StepMetrics) -> bool:
-    """One SFT step on ``rows`` (the same list on every rank); returns whether it was applied.
+def sft_update(
+    learner: Learner, algo: AlgorithmConfig, rows: list[dict[str, Any]], metrics: StepMetrics,
+    pad_id: int,
+) -> list[str]:
+    """One SFT step on ``rows`` (the same list on every rank) with ``learner.optimizer``.
 
-    ``sft_step`` counts the step either way; the demonstrations count as used only when the
-    update was applied (a non-finite gradient skips it).
+    Returns:
+        The ids of the demonstrations learned from: all of ``rows``, or none when the step was
+        skipped (a non-finite gradient) or there were no rows.
     """
     if not rows:
-        return False
-    optimizer = module.optimizer("sft")
-    sft_backward(module, rows, metrics, scale=module.algo.sft_loss_scale)
+        return []
+    optimizer = learner.optimizer
+    sft_backward(learner, algo, rows, metrics, pad_id, scale=algo.sft_loss_scale)
     # Back on the device only for the step itself: not resident during the backward's peak.
-    move_optimizer_state(optimizer, module.device)
-    version = module.weights_version
-    grad_norm = optimizer_step(module, optimizer, module.algo.sft_grad_clip, "sft")
+    move_optimizer_state(optimizer, learner.device)
+    version = learner.counters.weights_version
+    grad_norm = optimizer_step(learner, algo.sft_grad_clip, "sft", algo.max_consecutive_skips)
     metrics.add("sft/grad_norm", grad_norm, reduce="same")
-    if module.algo.offload_sft_optimizer:
+    if algo.offload_sft_optimizer:
         move_optimizer_state(optimizer, "cpu")
-    module.sft_step += 1
-    applied = module.weights_version != version
-    if applied:
-        module.demos_used.update(str(row["id"]) for row in rows)
-    return applied
+    applied = learner.counters.weights_version != version
+    return [str(row["id"]) for row in rows] if applied else []
 
 
 def sft_backward(
-    module: ReLIFTModule,
+    learner: Learner,
+    algo: AlgorithmConfig,
     rows: list[dict[str, Any]],
     metrics: StepMetrics,
+    pad_id: int,
     scale: float = 1.0,
     prefix: str = "sft/",
     metric_scale: float = 1.0,
@@ -66,10 +68,12 @@ def sft_backward(
     """Accumulates ``scale`` x the SFT loss gradient of ``rows``.
 
     Args:
-        module: the ReLIFT module.
+        learner: the policy (its optimizer is not stepped here).
+        algo: micro-batching and ``sft_loss``.
         rows: demonstration rows ``{id, prompt_ids, demo_ids}``, the same list on every rank.
         metrics: receives ``<prefix>loss``, ``nll``, ``entropy``, ``demo_tokens``, each times
             ``metric_scale`` (an average over several calls).
+        pad_id: the tokenizer's pad id.
         scale: loss weight (``algorithm.sft_loss_scale``; in RL steps ``sft_loss_coef`` x
             ``rl_loss_scale``). The logged values are unscaled.
         prefix: metric namespace.
@@ -81,10 +85,9 @@ def sft_backward(
     mine = rows[rank::world]
     real = 1.0 if mine else 0.0
     mine = mine or rows[:1]  # one zero-weight row keeps this rank in the collectives
-    device = module.device
-    pad = module.tokenizer.pad_token_id
-    prompt_ids, prompt_mask = left_pad([row["prompt_ids"] for row in mine], pad)
-    demo_ids, demo_mask = right_pad([row["demo_ids"] for row in mine], pad)
+    device, sft_loss = learner.device, algo.sft_loss
+    prompt_ids, prompt_mask = left_pad([row["prompt_ids"] for row in mine], pad_id)
+    demo_ids, demo_mask = right_pad([row["demo_ids"] for row in mine], pad_id)
     input_ids = torch.cat([prompt_ids, demo_ids], 1).to(device)  # [m, P + R]
     attention_mask = torch.cat([prompt_mask, demo_mask], 1).to(device)  # [m, P + R]
     loss_mask = demo_mask.to(device).float() * real  # [m, R]: prompt tokens never enter the loss
@@ -92,29 +95,30 @@ def sft_backward(
     num_tokens = all_reduce_sum(loss_mask.sum())
     num_seqs = all_reduce_sum(torch.tensor(len(mine) * real, device=device, dtype=torch.float32))
     seq_width = None
-    if module.sft_loss.agg_mode == "constant" and module.sft_loss.loss_constant is None:
-        seq_width = global_width(module, demo_ids.shape[1])
-    grouped = module.sft_loss.agg_mode == "group_token_mean"
-    group_tokens, num_groups = row_groups(rows, module.sft_loss.group_rows if grouped else None,
-                                          rank, world)
+    if sft_loss.agg_mode == "constant" and sft_loss.loss_constant is None:
+        seq_width = global_width(demo_ids.shape[1], device)
+    grouped = sft_loss.agg_mode == "group_token_mean"
+    group_tokens, num_groups = row_groups(rows, sft_loss.group_rows if grouped else None, rank, world)
     group_tokens = None if group_tokens is None else group_tokens.to(device)  # [m]
     micro = plan(
-        module, [len(row["prompt_ids"]) for row in mine], [len(row["demo_ids"]) for row in mine],
-        prompt_width, range(len(mine)), module.algo.sft_micro_batch_size,
+        [len(row["prompt_ids"]) for row in mine], [len(row["demo_ids"]) for row in mine],
+        prompt_width, range(len(mine)), algo.sft_micro_batch_size, algo.max_tokens_per_micro_batch,
+        device,
     )  # fmt: skip
     for i, mb in enumerate(micro):
         logprobs, entropy = micro_logprobs(
-            module, module.policy, mb, input_ids, attention_mask, prompt_width,
-            entropy_grad=module.sft_loss.entropy_coef != 0,
+            learner.policy, mb, input_ids, attention_mask, prompt_width, algo.logprob_token_chunk,
+            entropy_grad=sft_loss.entropy_coef != 0,
         )  # fmt: skip
         mask = loss_mask[mb.rows, : mb.response_len]
-        loss, parts = module.sft_loss(
+        loss, parts = sft_loss(
             logprobs, mask, entropy=entropy, num_tokens=num_tokens, num_seqs=num_seqs,
             seq_width=seq_width, num_groups=num_groups,
             group_tokens=None if group_tokens is None else group_tokens[mb.rows],
         )  # fmt: skip
         weight = mb.weight * real
-        backward(module, loss * scale, weight, last=sync_last and i == len(micro) - 1)
+        backward(learner, loss * scale, weight, last=sync_last and i == len(micro) - 1,
+                 defer_sync=algo.defer_grad_sync)
         share = weight * metric_scale  # fillers add zeros: every rank holds the same keys
         metrics.add(f"{prefix}loss", loss.detach() * share)
         metrics.add(f"{prefix}nll", parts["nll"] * share)

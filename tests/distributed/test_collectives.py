@@ -61,23 +61,19 @@ def _sft_worker(rank: int, port: int, out_dir: str) -> None:
 
     from relift_pl.algorithms import SFTLoss
     from relift_pl.metrics import StepMetrics
-    from relift_pl.update import sft_backward
+    from relift_pl.update import Learner, sft_backward
 
     _init(rank, port)
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
     policy = Qwen2ForCausalLM(config)
-    algo = SimpleNamespace(sft_micro_batch_size=4, max_tokens_per_micro_batch=None,
-                           share_prompt_prefix=True, defer_grad_sync=True, logprob_token_chunk=None)
-    module = SimpleNamespace(
-        policy=policy, tokenizer=SimpleNamespace(pad_token_id=0), algo=algo, device=torch.device("cpu"),
-        sharded=False, sft_loss=SFTLoss(), manual_backward=lambda loss: loss.backward(),
-    )
+    algo = SimpleNamespace(sft_micro_batch_size=4, max_tokens_per_micro_batch=None, sft_loss=SFTLoss(),
+                           defer_grad_sync=True, logprob_token_chunk=None)
     # One row for two ranks: rank 1 has none and must still join the collectives.
     rows = [{"id": "a", "prompt_ids": [3, 4, 5], "demo_ids": [6, 7, 8, 1]}]
     metrics = StepMetrics()
-    sft_backward(module, rows, metrics)
+    sft_backward(Learner(policy), algo, rows, metrics, pad_id=0)
     grad = sum(float(p.grad.abs().sum()) for p in policy.parameters() if p.grad is not None)
     torch.save({"grad": grad, "metrics": metrics.reduce()}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()

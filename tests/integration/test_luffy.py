@@ -47,9 +47,9 @@ def luffy_run(tmp_path_factory):
     updates = []
     original = module_lib.rl_update
 
-    def spy(module, rollout, advantages, metrics, demos=None, mixed_ids=None):
+    def spy(learner, algo, rollout, advantages, metrics, demos=None, mixed_ids=None, **kwargs):
         updates.append((rollout, advantages.clone(), mixed_ids))
-        return original(module, rollout, advantages, metrics, demos, mixed_ids)
+        return original(learner, algo, rollout, advantages, metrics, demos, mixed_ids, **kwargs)
 
     patch = pytest.MonkeyPatch()
     patch.setattr(module_lib, "rl_update", spy)

@@ -28,7 +28,7 @@ from conftest import compose_cfg
 from relift_pl.metrics import StepMetrics
 from relift_pl.micro_batching import group_sizes, token_budget_groups
 from relift_pl.rollout.base import RolloutBatch
-from relift_pl.update import rl_update, sft_update
+from relift_pl.update import Learner, rl_update, sft_update
 
 WORLD, PROMPTS_PER_RANK, G, MINI = 8, 16, 8, 2
 ROWS = PROMPTS_PER_RANK * G  # 128 rollouts per rank, 64 per mini-batch: the recipe's
@@ -250,7 +250,7 @@ class SimulatedRanks:
             return [item for _ in range(self.world) for item in items]
         return [item for rank in range(self.world) for item in self.log[rank][index]]
 
-    def _optimizer_step(self, module, optimizer, max_norm, name):
+    def _optimizer_step(self, learner, max_norm, name, max_skips):
         index, self.steps = self.steps, self.steps + 1
         if self.replay:
             if index == len(self.grads):
@@ -284,37 +284,33 @@ class SimulatedRanks:
         return [grad / self.world for grad in self.grads]
 
 
-def stand_in_module(algo, model):
-    """What the updates read from the LightningModule; Lightning's manual_backward is backward."""
-    return SimpleNamespace(
-        algo=algo, pg_loss=algo.pg_loss, sft_loss=algo.sft_loss, policy=model, ref_policy=None,
-        device=torch.device("cpu"), sampling=SimpleNamespace(temperature=1.0), tis_cap=None,
-        sharded=False, tokenizer=SimpleNamespace(pad_token_id=PAD), optimizer=lambda name: SimpleNamespace(state={}),
-        manual_backward=lambda loss: loss.backward(), weights_version=0, demos_used=set(), sft_step=0,
-    )  # fmt: skip
+def learner(model) -> Learner:
+    """The model with a stand-in optimizer (SimulatedRanks collects its gradients instead)."""
+    return Learner(model, optimizer=SimpleNamespace(state={}))
 
 
 def project_rl_grads(model, *overrides: str) -> list[torch.Tensor]:
-    module = stand_in_module(recipe_algorithm(*overrides), model)
+    algo = recipe_algorithm(*overrides)
     return SimulatedRanks(WORLD, model).run(
-        lambda rank: rl_update(module, *rollouts(rank), StepMetrics())
+        lambda rank: rl_update(learner(model), algo, *rollouts(rank), StepMetrics())
     )
 
 
 def project_rl_grads_on(model, world: int, batch: RolloutBatch, *overrides: str) -> list[torch.Tensor]:
     """The RL gradients of ``batch``'s rows dealt over ``world`` ranks (see :func:`rank_share`),
     with zero advantages: the pg term has no gradient, the entropy term is all there is."""
-    module = stand_in_module(recipe_algorithm(*overrides), model)
+    algo = recipe_algorithm(*overrides)
     return SimulatedRanks(world, model).run(lambda rank: rl_update(
-        module, share := rank_share(batch, world, rank), torch.zeros(len(share.finish_reasons)),
-        StepMetrics(),
+        learner(model), algo, share := rank_share(batch, world, rank),
+        torch.zeros(len(share.finish_reasons)), StepMetrics(),
     ))  # fmt: skip
 
 
 def project_sft_grad(model, *overrides: str) -> torch.Tensor:
-    module = stand_in_module(recipe_algorithm(*overrides), model)
-    rows = demonstrations()
-    (grad,) = SimulatedRanks(WORLD, model).run(lambda rank: sft_update(module, rows, StepMetrics()))
+    algo, rows = recipe_algorithm(*overrides), demonstrations()
+    (grad,) = SimulatedRanks(WORLD, model).run(
+        lambda rank: sft_update(learner(model), algo, rows, StepMetrics(), PAD)
+    )
     return grad
 
 

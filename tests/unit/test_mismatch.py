@@ -115,19 +115,18 @@ def test_truncated_sampling_turns_auto_off_and_refuses_tis(sampling, caplog):
 
 
 def test_the_mean_bound_stops_a_run_only_when_exceeded_steps_in_a_row():
-    from types import SimpleNamespace
-
     from relift_pl.metrics import StepMetrics
+    from relift_pl.update import Learner, LogprobCheck
     from relift_pl.update.rl import MEAN_BOUND_PATIENCE, mismatch_metrics
 
-    module = SimpleNamespace(max_logprob_diff=None, max_logprob_diff_mean=0.1, mismatch_strikes=0,
-                             step_count=0, rl_step=0)
+    learner = Learner(policy=torch.nn.Linear(1, 1))
+    check = LogprobCheck(max_diff=None, max_diff_mean=0.1)
     mask = torch.ones(2, 3)
     synced, off = torch.zeros(2, 3), torch.full((2, 3), 0.5)  # mean |diff| 0 and 0.5
 
     def step(engine):
-        mismatch_metrics(module, torch.zeros(2, 3), engine, mask, None, StepMetrics())
-        module.rl_step += 1
+        mismatch_metrics(learner, check, torch.zeros(2, 3), engine, mask, None, StepMetrics())
+        learner.rl_step += 1
 
     step(off)
     step(synced)  # an unusual batch, then a normal one: the count starts again
