@@ -9,8 +9,8 @@ import lightning as L
 import torch
 
 from relift_pl.buffer import demo_row
-from relift_pl.checkpoint import nested_tuples
 from relift_pl.distributed import all_gather_objects, every_rank_state, own_rank_state
+from relift_pl.random_state import nested_tuples
 
 
 class HardQuestionMining(L.Callback):

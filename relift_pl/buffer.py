@@ -1,14 +1,23 @@
-"""The hardest-question buffer: demonstrations waiting for the next SFT step."""
+"""The hardest-question buffer: demonstrations waiting for the next SFT step, and which of them
+a training step's SFT step takes (``algorithm.sft_schedule``)."""
 
 from __future__ import annotations
 
 from collections import deque
 from typing import Any
 
+from relift_pl.config import AlgorithmConfig
+from relift_pl.distributed import all_gather_objects, world_size_and_rank
+
 
 def demo_row(row: dict[str, Any]) -> dict[str, Any]:
     """Only what an SFT step needs: what travels between ranks and into checkpoints."""
     return {"id": row["id"], "prompt_ids": row["prompt_ids"], "demo_ids": row["demo_ids"]}
+
+
+def batch_demos(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's prompts of the step that have a demonstration, the same list on all ranks."""
+    return all_gather_objects([demo_row(row) for row in batch if row.get("demo_ids")])
 
 
 class DemonstrationBuffer:
@@ -68,3 +77,19 @@ class DemonstrationBuffer:
             )
         self._rows = deque(rows)
         self.dropped = int(state["dropped"])
+
+
+def due_sft_rows(
+    buffer: DemonstrationBuffer, algo: AlgorithmConfig, step: int
+) -> list[dict[str, Any]] | None:
+    """The rows of training step ``step``'s (1-based) SFT step under ``algorithm.sft_schedule``,
+    taken from ``buffer``; None when no SFT step is due."""
+    if not algo.sft_enabled:
+        return None
+    schedule = algo.sft_schedule
+    if schedule == "every_step":  # whatever is buffered, up to M, split evenly over ranks
+        world = world_size_and_rank()[0]
+        n = min(len(buffer), buffer.threshold) // world * world
+        return buffer.pop(n) if n else None
+    due = schedule == "buffer" or step % algo.sft_interval == 0
+    return buffer.pop() if due and buffer.ready else None

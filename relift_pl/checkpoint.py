@@ -7,12 +7,10 @@ import glob
 import io
 import logging
 import os
-import random
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -366,36 +364,3 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
                         str(err).split(f"; {_RESUME_EARLIER}")[0], path)
         return str(path)
     raise damaged[0]
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG a training step draws from (sampling uses torch's global generator)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    # Plain types and tensors only: Lightning loads checkpoints with weights_only=True.
-    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        # This rank's device only: each rank saves and restores its own (a resume on fewer or
-        # other devices must not index devices it does not have).
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(nested_tuples(state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if isinstance(cuda, (list, tuple)):  # older checkpoints: every device's state
-            device = torch.cuda.current_device()
-            if device >= len(cuda):
-                return
-            cuda = cuda[device]
-        torch.cuda.set_rng_state(cuda)
-
-
-def nested_tuples(value):
-    # random.setstate needs nested tuples; a checkpoint round trip may return lists.
-    return tuple(nested_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -77,3 +77,23 @@ def load_policy(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training forward passes never need the KV cache
     return model.train()  # from_pretrained returns eval mode; Lightning expects train mode
+
+
+def float32_rotary_frequencies(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the policy's float32 rotary frequencies (``*inv_freq`` buffers): a bf16-true
+    precision plugin casts every floating buffer, and rounded frequencies misplace long positions
+    (0.63 rad at 512, 10 at 8192 for the 7B's rope dims)."""
+    return {
+        name: buf.detach().clone() for name, buf in policy.named_buffers()
+        if name.endswith("inv_freq") and buf.dtype == torch.float32
+    }  # fmt: skip
+
+
+def restore_float32_buffers(policy: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Puts back the ``saved`` buffers (:func:`float32_rotary_frequencies`) that a precision plugin
+    converted."""
+    for name, value in saved.items():
+        owner, _, attr = name.rpartition(".")
+        module = policy.get_submodule(owner)
+        if getattr(module, attr).dtype != torch.float32:
+            module._buffers[attr] = value.to(getattr(module, attr).device)

@@ -34,22 +34,20 @@ from torch import Tensor
 
 from relift_pl.algorithms import group_advantages
 from relift_pl.algorithms.mismatch import check_logprob_bound, resolve_logprob_bounds
-from relift_pl.buffer import DemonstrationBuffer, demo_row
-from relift_pl.checkpoint import rng_state, set_rng_state
+from relift_pl.buffer import DemonstrationBuffer, batch_demos, due_sft_rows
 from relift_pl.config import AlgorithmConfig
-from relift_pl.distributed import (
-    all_gather_objects,
-    every_rank_state,
-    own_rank_state,
-    world_size_and_rank,
-)
+from relift_pl.distributed import every_rank_state, world_size_and_rank
 from relift_pl.metrics import StepMetrics
-from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
+from relift_pl.models import float32_rotary_frequencies, restore_float32_buffers
+from relift_pl.random_state import rank_rng_state, rng_state, set_rng_state
+from relift_pl.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, generate_checked
 from relift_pl.step_report import log_step, rollout_metrics, run_totals, step_metrics, throughput
-from relift_pl.stop_tokens import stop_token_ids
+from relift_pl.stop_tokens import decode_responses
+from relift_pl.strategies import fully_shard_models
 from relift_pl.update import Learner, LogprobCheck, UpdateCounters, rl_update, sft_update
 from relift_pl.update.common import move_optimizer_state
-from relift_pl.update.mixing import mix_demonstrations
+from relift_pl.update.mixing import mix_batch_demos
+from relift_pl.update.sft import own_tokens
 
 
 @dataclass
@@ -167,12 +165,8 @@ class ReLIFTModule(L.LightningModule):
         self.metrics = StepMetrics()  # the step in progress; callbacks add to it too
         self.time_totals: dict[str, float] = {}  # timing/* summed and perf/peak_* maxed over the run
         self._sync_seconds = 0.0
-        # Rotary frequencies in float32, kept aside: a bf16-true precision plugin casts every
-        # floating buffer, and rounded frequencies misplace long positions (see on_fit_start).
-        self._rotary_fp32 = {
-            name: buf.detach().clone() for name, buf in policy.named_buffers()
-            if name.endswith("inv_freq") and buf.dtype == torch.float32
-        }  # fmt: skip
+        # Kept aside from a bf16-true precision plugin, which casts every floating buffer.
+        self._rotary_fp32 = float32_rotary_frequencies(policy)
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -234,38 +228,13 @@ class ReLIFTModule(L.LightningModule):
         self.rollout_engine = None
 
     def configure_model(self) -> None:
-        """FSDP2 under ModelParallelStrategy: ``fully_shard`` each decoder layer, then the root.
-
-        Optimizers are built afterwards (``configure_optimizers``), over the sharded parameters.
-        With ``trainer.precision=bf16-mixed`` parameters are all-gathered and computed in bf16,
-        while the sharded parameters, their gradients and both optimizers' states stay in the
-        dtype the model was loaded in (float32: the master weights an lr-1e-6 step needs) and
-        gradients are reduced in float32 (FSDP2's MixedPrecisionPolicy).
-        """
+        """FSDP2 under ModelParallelStrategy (:func:`fully_shard_models`); the optimizers are built
+        afterwards (``configure_optimizers``), over the sharded parameters."""
         mesh = self.device_mesh
         if mesh is None or self.sharded:
             return
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(
-                "trainer.strategy.tensor_parallel_size must be 1: relift-pl shards with FSDP2 only"
-            )
-        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        kwargs = {"mesh": dp_mesh}
-        if "bf16" in str(self.trainer.precision):
-            kwargs["mp_policy"] = MixedPrecisionPolicy(
-                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
-            )
-        for model in (self.policy, self.ref_policy):
-            if model is None:
-                continue
-            # The model's own list of blocks that must not be split (its decoder layers).
-            layer_types = set(getattr(model, "_no_split_modules", None) or ())
-            for block in model.modules():
-                if type(block).__name__ in layer_types:
-                    fully_shard(block, **kwargs)
-            fully_shard(model, **kwargs)
+        bf16 = "bf16" in str(self.trainer.precision)
+        fully_shard_models([self.policy, self.ref_policy], mesh, bf16)
         self.sharded = True
 
     def configure_optimizers(self):
@@ -295,11 +264,7 @@ class ReLIFTModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # After the precision plugin converted the module: put the float32 rotary frequencies back.
-        for name, value in self._rotary_fp32.items():
-            owner, _, attr = name.rpartition(".")
-            module = self.policy.get_submodule(owner)
-            if getattr(module, attr).dtype != torch.float32:
-                module._buffers[attr] = value.to(getattr(module, attr).device)
+        restore_float32_buffers(self.policy, self._rotary_fp32)
 
     def on_train_start(self) -> None:
         # Lightning moves restored optimizer state to the device; an offloaded SFT AdamW lives on
@@ -324,43 +289,17 @@ class ReLIFTModule(L.LightningModule):
         started = time.perf_counter()
         self._notify("on_before_rollout")
         self._sync_seconds += time.perf_counter() - started
-        engine = self.rollout_engine
-        if engine.needs_weight_sync and getattr(engine, "synced_version", None) != self.weights_version:
-            raise RuntimeError(
-                f"{type(engine).__name__} holds weights version {engine.synced_version}, the policy "
-                f"is at {self.weights_version}: no callback pushed the weights. Keep "
-                "callbacks.vllm_weight_sync (callbacks.VLLMWeightSync) in the callbacks config."
-            )
         when = (  # steps numbered as logged: the one in progress is step_count + 1
             f"during {purpose} after training step {self.step_count}" if purpose else
             f"at training step {self.step_count + 1} (RL step {self.rl_step + 1})"
         )
-        where = f"rollout engine {type(engine).__name__} {when}, {len(prompt_ids)} prompts x n={sampling.n}"
-        # An engine that samples from the policy (HF) computes in the run's precision, in
-        # evaluations too (outside training_step); vLLM leaves the trainer's context itself.
+        # The run's precision, in evaluations too (outside training_step).
         precision = self._trainer.precision_plugin.forward_context() if self._trainer else nullcontext()
-        try:
-            with nullcontext() if engine.needs_weight_sync else precision:
-                batch = engine.generate(prompt_ids, sampling)
-        except Exception as err:  # engine internals (CUDA, vLLM workers): say who failed, and when
-            raise RuntimeError(f"{where} failed: {type(err).__name__}: {err}") from err
-        expected = len(prompt_ids) * sampling.n
-        if batch.response_ids.shape[0] != expected or len(batch.finish_reasons) != expected:
-            raise RuntimeError(
-                f"{where} returned {batch.response_ids.shape[0]} responses, expected {expected}"
-            )
-        return batch
+        return generate_checked(self.rollout_engine, prompt_ids, sampling, self.weights_version, when, precision)
 
     def decode_responses(self, batch: RolloutBatch) -> list[str]:
-        """Response texts: the masked tokens without the stop tokens, in one batched decode."""
-        # Every id that ends a response (the engines stop on all of them), not only the tokenizer's.
-        stops = torch.tensor(stop_token_ids(self.policy.generation_config.eos_token_id,
-                                            self.tokenizer, template=""))
-        keep = batch.response_mask.bool() & ~torch.isin(batch.response_ids, stops)
-        flat = batch.response_ids[keep].tolist()  # row-major: each row's kept tokens in order
-        ends = keep.sum(-1).cumsum(0).tolist()
-        rows = [flat[start:end] for start, end in zip([0, *ends[:-1]], ends)]
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=False)
+        """Response texts: the masked tokens without the stop tokens (:func:`decode_responses`)."""
+        return decode_responses(batch, self.tokenizer, self.policy.generation_config.eos_token_id)
 
     @contextmanager
     def _timed(self, name: str):
@@ -383,7 +322,11 @@ class ReLIFTModule(L.LightningModule):
             with self._timed("rollout"):
                 rollout = self.generate([row["prompt_ids"] for row in batch], self.sampling)  # 1.
             metrics.add("timing/weight_sync_s", self._sync_seconds, reduce="max")
-            rollout, mixed_ids = self._mix_demos(batch, rollout)  # LUFFY: demos join their groups
+            mixed_ids = None
+            if self.algo.mix_demos:  # LUFFY: each prompt's demonstration joins its group
+                rollout, mixed_ids = mix_batch_demos(
+                    rollout, batch, self.algo.group_size, pad_id, self.sampling.max_new_tokens, metrics
+                )  # fmt: skip
             responses = self.decode_responses(rollout)
             golds = [row["answer"] for row in batch for _ in range(self.algo.group_size)]
             with self._timed("reward"):
@@ -392,7 +335,7 @@ class ReLIFTModule(L.LightningModule):
             advantages = group_advantages(  # 3.
                 rewards, self.algo.group_size, self.algo.scale_advantages_by_std
             )
-            demos = self._batch_demos(batch) if self.algo.sft_loss_coef else None
+            demos = batch_demos(batch) if self.algo.sft_loss_coef else None
             check = LogprobCheck(self.max_logprob_diff, self.max_logprob_diff_mean, self.tis_cap)
             with self._timed("rl_update"):
                 used = rl_update(  # 4.
@@ -402,21 +345,21 @@ class ReLIFTModule(L.LightningModule):
             self.demos_used.update(used)
             trained_tokens += int(rollout.attention_mask.sum())
             if demos:  # RL with SFT loss: the demonstrations pass with every RL optimizer step
-                trained_tokens += self.algo.num_mini_batches * self._own_tokens(demos)
-            rollout_metrics(self.metrics, rollout, self._sampled(rollout), rewards, scored)
+                trained_tokens += self.algo.num_mini_batches * own_tokens(demos)
+            rollout_metrics(metrics, rollout, rollout.sampled, rewards, scored)
             group = (-1, self.algo.group_size)
-            record = StepRecord(batch, rewards.view(group), responses, self._sampled(rollout).view(group))
+            record = StepRecord(batch, rewards.view(group), responses, rollout.sampled.view(group))
             self.rl_step += 1
 
         self._notify("on_rl_step_end", record)  # the mining callback fills the buffer here
 
-        rows = self._batch_demos(batch) if warmup else self._due_sft_rows()
+        rows = batch_demos(batch) if warmup else due_sft_rows(self.buffer, self.algo, self.step_count + 1)
         if rows:
             with self._timed("sft"):
                 used = sft_update(self._learner("sft"), self.algo, rows, metrics, pad_id)  # 5.
             self.demos_used.update(used)
             self.sft_step += 1
-            trained_tokens += self._own_tokens(rows)
+            trained_tokens += own_tokens(rows)
 
         self.step_count += 1
         self._report(time.perf_counter() - started, trained_tokens)
@@ -436,53 +379,6 @@ class ReLIFTModule(L.LightningModule):
         self.time_totals = run_totals(self.time_totals, values)
         log_step(self.trainer, values, self.step_count, self.log)
 
-    def _due_sft_rows(self) -> list[dict[str, Any]] | None:
-        """The rows of this training step's SFT step under ``algorithm.sft_schedule``, or None."""
-        if not self.algo.sft_enabled:
-            return None
-        buffer, schedule = self.buffer, self.algo.sft_schedule
-        if schedule == "every_step":  # whatever is buffered, up to M, split evenly over ranks
-            world = world_size_and_rank()[0]
-            n = min(len(buffer), buffer.threshold) // world * world
-            return buffer.pop(n) if n else None
-        due = schedule == "buffer" or (self.step_count + 1) % self.algo.sft_interval == 0
-        return buffer.pop() if due and buffer.ready else None
-
-    def _mix_demos(
-        self, batch: list[dict[str, Any]], rollout: RolloutBatch
-    ) -> tuple[RolloutBatch, list[str] | None]:
-        """LUFFY (``algorithm.mix_demos``): each prompt's demonstration replaces the last sample
-        of its group (:func:`relift_pl.update.mixing.mix_demonstrations`). Returns the batch and
-        the ids of every rank's mixed demonstrations (None when off)."""
-        if not self.algo.mix_demos:
-            return rollout, None
-        mixed, too_long = mix_demonstrations(
-            rollout, batch, self.algo.group_size, self.tokenizer.pad_token_id,
-            self.sampling.max_new_tokens,
-        )  # fmt: skip
-        has_demo = mixed.off_policy.view(len(batch), -1).any(-1).tolist()  # [B]
-        self.metrics.add("luffy/demos_mixed", sum(has_demo))
-        self.metrics.add("luffy/demos_too_long", len(too_long))
-        return mixed, all_gather_objects([str(r["id"]) for r, m in zip(batch, has_demo) if m])
-
-    @staticmethod
-    def _own_tokens(rows: list[dict[str, Any]]) -> int:
-        """Prompt + demonstration tokens of this rank's share of ``rows`` (the SFT passes' split)."""
-        world, rank = world_size_and_rank()
-        return sum(len(r["prompt_ids"]) + len(r["demo_ids"]) for r in rows[rank::world])
-
-    @staticmethod
-    def _batch_demos(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Every rank's prompts of the step that have a demonstration, the same list on all ranks."""
-        return all_gather_objects([demo_row(row) for row in batch if row.get("demo_ids")])
-
-    @staticmethod
-    def _sampled(rollout: RolloutBatch) -> Tensor:
-        """[N] True on the policy's own samples (not demonstrations mixed into their group)."""
-        if rollout.off_policy is None:
-            return torch.ones(rollout.response_ids.shape[0], dtype=torch.bool)
-        return ~rollout.off_policy.cpu()
-
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["relift"] = {
@@ -490,10 +386,7 @@ class ReLIFTModule(L.LightningModule):
             "rl_step": self.rl_step,
             "sft_step": self.sft_step,
             "demos_used": sorted(self.demos_used),
-            "skipped_steps": self.skipped_steps,
-            "consecutive_skips": dict(self.consecutive_skips),
-            "mismatch_strikes": self.mismatch_strikes,
-            "weights_version": self.weights_version,
+            **self.counters.state_dict(),
             "buffer": self.buffer.state_dict(),
             "time_totals": dict(self.time_totals),
             # Every rank's streams: ranks must not resume identical. A save before the first
@@ -507,16 +400,12 @@ class ReLIFTModule(L.LightningModule):
         self.rl_step = state["rl_step"]
         self.sft_step = state["sft_step"]
         self.demos_used = set(state["demos_used"])
-        self.skipped_steps = state["skipped_steps"]
-        skips = state["consecutive_skips"]  # an int in checkpoints from before the per-optimizer count
-        self.consecutive_skips = dict(skips) if isinstance(skips, dict) else {"rl": skips, "sft": skips}
-        self.mismatch_strikes = state.get("mismatch_strikes", 0)  # absent in older checkpoints
-        self.weights_version = state["weights_version"]
+        self.counters.load_state_dict(state)
         self.buffer.load_state_dict(state["buffer"])
         self.time_totals = dict(state.get("time_totals", {}))  # absent in older checkpoints
         # Applied just before the next step: Lightning draws from the global RNG in between
         # (the DataLoader iterator takes a base seed), which would shift every later sample.
-        self._pending_rng_state = _rank_rng_state(state["rng"])
+        self._pending_rng_state = rank_rng_state(state["rng"])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if self.step_count >= self.max_steps or self.preempted:
@@ -527,10 +416,3 @@ class ReLIFTModule(L.LightningModule):
             set_rng_state(self._pending_rng_state)
             self._pending_rng_state = None
         return None
-
-
-def _rank_rng_state(saved: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any] | None:
-    """This rank's RNG state from a checkpoint: one state per rank (a list), or a single state
-    (older checkpoints). A rank the checkpoint did not have keeps the streams ``setup()`` seeded
-    for it (``seed + rank``)."""
-    return saved if isinstance(saved, dict) else own_rank_state(saved, "random streams")

@@ -9,6 +9,8 @@ reward reads whatever follows.
 
 from __future__ import annotations
 
+import torch
+
 # End-of-turn tokens of the chat formats the data module renders (ChatML for Qwen's templates,
 # Llama 3's); one counts when the template in use writes it and the tokenizer has it as one token.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>")
@@ -47,3 +49,21 @@ def apply_stop_tokens(policy, tokenizer, template: str | None = None) -> list[in
     ids = stop_token_ids(policy.generation_config.eos_token_id, tokenizer, template)
     policy.generation_config.eos_token_id = ids if len(ids) > 1 else ids[0]
     return ids
+
+
+def decode_responses(batch, tokenizer, generation_eos) -> list[str]:
+    """Response texts of a ``RolloutBatch``: the masked tokens without the stop tokens, in one
+    batched decode.
+
+    Args:
+        batch: the rollouts.
+        tokenizer: the policy's tokenizer.
+        generation_eos: the policy's ``generation_config.eos_token_id``.
+    """
+    # Every id that ends a response (the engines stop on all of them), not only the tokenizer's.
+    stops = torch.tensor(stop_token_ids(generation_eos, tokenizer, template=""))
+    keep = batch.response_mask.bool() & ~torch.isin(batch.response_ids, stops)
+    flat = batch.response_ids[keep].tolist()  # row-major: each row's kept tokens in order
+    ends = keep.sum(-1).cumsum(0).tolist()
+    rows = [flat[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=False)

@@ -24,14 +24,44 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
 from omegaconf import DictConfig
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from relift_pl.checkpoint import missing_shards, unreadable_checkpoint
 from relift_pl.config import ConfigError
 from relift_pl.export import replace_dir
 from relift_pl.run_folder import RunFolderError
+
+
+def fully_shard_models(models: list[torch.nn.Module | None], mesh, bf16: bool) -> None:
+    """FSDP2: ``fully_shard`` each decoder layer of every model (None: skipped), then its root,
+    over the data-parallel dimension of ``mesh``.
+
+    With ``bf16`` (``trainer.precision=bf16-mixed``) parameters are all-gathered and computed in
+    bf16, while the sharded parameters, their gradients and optimizer states stay in the dtype
+    the model was loaded in (float32: the master weights an lr-1e-6 step needs) and gradients
+    are reduced in float32 (FSDP2's MixedPrecisionPolicy).
+    """
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            "trainer.strategy.tensor_parallel_size must be 1: relift-pl shards with FSDP2 only"
+        )
+    kwargs = {"mesh": mesh["data_parallel"] if "data_parallel" in names else mesh}
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for model in models:
+        if model is None:
+            continue
+        # The model's own list of blocks that must not be split (its decoder layers).
+        layer_types = set(getattr(model, "_no_split_modules", None) or ())
+        for block in model.modules():
+            if type(block).__name__ in layer_types:
+                fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
 
 
 def derived_data_parallel_size(num_nodes: int, devices_per_node: int, tensor_parallel: int | str) -> int:

@@ -88,6 +88,13 @@ class RolloutBatch:
     def truncated(self) -> Tensor:  # [N] bool
         return torch.tensor([r == "length" for r in self.finish_reasons])
 
+    @property
+    def sampled(self) -> Tensor:  # [N] bool, on the CPU
+        """True on the policy's own samples (not demonstrations mixed into their group)."""
+        if self.off_policy is None:
+            return torch.ones(self.response_ids.shape[0], dtype=torch.bool)
+        return ~self.off_policy.cpu()
+
 
 class RolloutEngine(ABC):
     """Generates responses for the current policy.
@@ -117,6 +124,36 @@ class RolloutEngine(ABC):
         """A context in which several generations run without freeing the engine between them
         (vLLM's sleep mode); a no-op for engines that never sleep."""
         return contextlib.nullcontext()
+
+
+def generate_checked(
+    engine: RolloutEngine, prompt_ids: list[list[int]], sampling: SamplingParams,
+    weights_version: int, where: str, precision: contextlib.AbstractContextManager,
+) -> RolloutBatch:
+    """``engine.generate`` with what its caller relies on: an engine with its own weights holds
+    the policy's ``weights_version``, a failure names the engine and ``where`` (when, and for
+    what), and every prompt has its ``n`` responses. An engine that samples from the policy (HF)
+    runs in the trainer's ``precision`` context; one with its own weights (vLLM) leaves it itself.
+    """
+    name = type(engine).__name__
+    if engine.needs_weight_sync and getattr(engine, "synced_version", None) != weights_version:
+        raise RuntimeError(
+            f"{name} holds weights version {engine.synced_version}, the policy "
+            f"is at {weights_version}: no callback pushed the weights. Keep "
+            "callbacks.vllm_weight_sync (callbacks.VLLMWeightSync) in the callbacks config."
+        )
+    where = f"rollout engine {name} {where}, {len(prompt_ids)} prompts x n={sampling.n}"
+    try:
+        with contextlib.nullcontext() if engine.needs_weight_sync else precision:
+            batch = engine.generate(prompt_ids, sampling)
+    except Exception as err:  # engine internals (CUDA, vLLM workers): say who failed, and when
+        raise RuntimeError(f"{where} failed: {type(err).__name__}: {err}") from err
+    expected = len(prompt_ids) * sampling.n
+    if batch.response_ids.shape[0] != expected or len(batch.finish_reasons) != expected:
+        raise RuntimeError(
+            f"{where} returned {batch.response_ids.shape[0]} responses, expected {expected}"
+        )
+    return batch
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -26,6 +26,21 @@ class UpdateCounters:
     mismatch_strikes: int = 0
     """RL steps in a row whose engine/trainer log-prob mean difference was above its bound."""
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": dict(self.consecutive_skips),
+            "mismatch_strikes": self.mismatch_strikes,
+            "weights_version": self.weights_version,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_steps = state["skipped_steps"]
+        skips = state["consecutive_skips"]  # an int in checkpoints from before the per-optimizer count
+        self.consecutive_skips = dict(skips) if isinstance(skips, dict) else {"rl": skips, "sft": skips}
+        self.mismatch_strikes = state.get("mismatch_strikes", 0)  # absent in older checkpoints
+        self.weights_version = state["weights_version"]
+
 
 @dataclass
 class Learner:

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from relift_pl.distributed import all_gather_objects
+from relift_pl.metrics import StepMetrics
 from relift_pl.rollout.base import RolloutBatch
 
 
@@ -97,6 +99,22 @@ def mix_demonstrations(
         logprobs=logprobs,
         off_policy=off_policy,
     ), too_long
+
+
+def mix_batch_demos(
+    rollout: RolloutBatch, batch: Sequence[dict[str, Any]], group_size: int, pad_id: int,
+    max_new_tokens: int, metrics: StepMetrics,
+) -> tuple[RolloutBatch, list[str]]:
+    """A training step's LUFFY groups (:func:`mix_demonstrations`), counted in ``luffy/*``.
+
+    Returns:
+        The mixed batch and the ids of every rank's mixed demonstrations.
+    """
+    mixed, too_long = mix_demonstrations(rollout, batch, group_size, pad_id, max_new_tokens)
+    has_demo = mixed.off_policy.view(len(batch), -1).any(-1).tolist()  # [B]
+    metrics.add("luffy/demos_mixed", sum(has_demo))
+    metrics.add("luffy/demos_too_long", len(too_long))
+    return mixed, all_gather_objects([str(r["id"]) for r, m in zip(batch, has_demo) if m])
 
 
 def off_policy_token_mask(response_mask: Tensor, off_policy: Tensor | None) -> Tensor:

@@ -128,6 +128,12 @@ def sft_backward(
     metrics.add(f"{prefix}demo_tokens", num_tokens * metric_scale, reduce="same")
 
 
+def own_tokens(rows: list[dict[str, Any]]) -> int:
+    """Prompt + demonstration tokens of this rank's share of ``rows`` (``sft_backward``'s split)."""
+    world, rank = world_size_and_rank()
+    return sum(len(r["prompt_ids"]) + len(r["demo_ids"]) for r in rows[rank::world])
+
+
 def row_groups(
     rows: list[dict[str, Any]], group_rows: int | None, rank: int, world: int
 ) -> tuple[Tensor | None, int | None]:
