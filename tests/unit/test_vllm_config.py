@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import compose_cfg
-from relift_pl.rollout import vllm as vllm_engine
+from relift_pl.rollout import vllm_settings
 
 
 def test_engine_dtype_follows_the_checkpoint_but_toy_vllm_stays_float32():
@@ -40,10 +40,10 @@ def test_vllm_local_rank_is_the_cuda_device_not_the_rank(monkeypatch):
     # external-launcher worker uses LOCAL_RANK as its device index.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    assert vllm_engine.vllm_local_rank("1") == "3"
+    assert vllm_settings.vllm_local_rank("1") == "3"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert vllm_engine.vllm_local_rank("1") == "1"  # CPU: the launcher's value
-    assert vllm_engine.vllm_local_rank(None) == "0"
+    assert vllm_settings.vllm_local_rank("1") == "1"  # CPU: the launcher's value
+    assert vllm_settings.vllm_local_rank(None) == "0"
 
 
 @pytest.mark.parametrize("before", [None, "1"])
@@ -53,6 +53,6 @@ def test_local_rank_is_set_only_while_the_engine_starts(monkeypatch, before):
         monkeypatch.delenv("LOCAL_RANK", raising=False)
     else:
         monkeypatch.setenv("LOCAL_RANK", before)
-    with vllm_engine._environ("LOCAL_RANK", "3"):
+    with vllm_settings.environ("LOCAL_RANK", "3"):
         assert os.environ["LOCAL_RANK"] == "3"
     assert os.environ.get("LOCAL_RANK") == before

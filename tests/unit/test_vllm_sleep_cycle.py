@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from relift_pl.rollout.vllm import SleepCycle
+from relift_pl.rollout.vllm_sleep import SleepCycle
 
 
 class Recorder:

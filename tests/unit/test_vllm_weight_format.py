@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3MoeConfig
 
-from relift_pl.rollout.vllm import check_streamable_conversion, to_checkpoint_format
+from relift_pl.rollout.vllm_weights import check_streamable_conversion, to_checkpoint_format
 
 pytest.importorskip("transformers.core_model_loading")  # transformers 5
 
