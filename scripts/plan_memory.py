@@ -26,12 +26,12 @@ sys.path.insert(0, str(ROOT))
 from relift_pl.memory_plan import (  # noqa: E402
     GiB,
     MemoryPlan,
-    load_model_shape,
     notes,
     plan_memory,
     run_shape_from_config,
     with_token_chunk,
 )
+from relift_pl.model_shape import load_model_shape  # noqa: E402
 
 
 def compose_config(overrides: list[str]):

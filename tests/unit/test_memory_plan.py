@@ -13,18 +13,16 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from relift_pl.algorithms import policy_logprobs
 from relift_pl.memory_plan import (
-    KNOWN_MODELS,
     GiB,
     RunShape,
     activation_bytes,
     layer_activation_bytes_per_token,
-    load_model_shape,
     logprob_path_bytes,
     model_extra_bytes_per_token,
-    model_shape_from_config,
     plan_memory,
     run_shape_from_config,
 )
+from relift_pl.model_shape import KNOWN_MODELS, load_model_shape, model_shape_from_config
 
 ROOT = Path(__file__).resolve().parents[2]
 QWEN_7B = KNOWN_MODELS["Qwen/Qwen2.5-Math-7B"]
