@@ -1,6 +1,7 @@
 """Pure tensor math of ReLIFT: GRPO advantages, policy-gradient and SFT losses, token log-probs."""
 
 from relift_pl.algorithms.advantages import group_advantages
+from relift_pl.algorithms.aggregation import AggMode, aggregate_loss, masked_mean
 from relift_pl.algorithms.fused_head import fused_logprobs_entropy
 from relift_pl.algorithms.logprobs import (
     entropy_from_logits,
@@ -8,15 +9,7 @@ from relift_pl.algorithms.logprobs import (
     logprobs_from_logits,
     policy_logprobs,
 )
-from relift_pl.algorithms.losses import (
-    AggMode,
-    PolicyGradientLoss,
-    SFTLoss,
-    aggregate_loss,
-    kl_k3,
-    masked_mean,
-    policy_shaping,
-)
+from relift_pl.algorithms.losses import PolicyGradientLoss, SFTLoss, kl_k3, policy_shaping
 
 __all__ = [
     "AggMode",
