@@ -5,11 +5,14 @@ Unpickling can run any code, and so can building a config's ``_target_``. So:
 - a checkpoint's own metadata (Lightning's ``meta.pt``) is read weights-only: tensors and plain
   Python types (torch's allow-list);
 - torch's distributed-checkpoint metadata (``.metadata``, a plain pickle that torch itself
-  unpickles) is first read through an allow-list of torch's checkpoint record classes;
+  unpickles) is first read through an allow-list of torch's checkpoint record classes, and every
+  non-tensor entry of its shards (torch pickles those and unpickles them with anything allowed)
+  is first read weights-only too; the project's own sharded loads read them weights-only;
 - a saved config builds only classes of relift-pl, torch (``torch.optim``, ``torch.nn``) and
   Lightning, and the functions the project's own configs name (row and model builders).
 
-Each refusal is a one-line :class:`UnsafeFileError` naming the file (or the config key).
+Each refusal is a one-line :class:`UnsafeFileError` naming the file (or the config key); names
+taken from a file are shown escaped when they hold control characters (:func:`shown`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import io
 import pickle
 import re
 from collections.abc import Iterable
@@ -37,6 +41,13 @@ class UnsafeFileError(ConfigError):
     """A file (or a saved config's key) that loading could turn into running code."""
 
 
+def shown(text: Any) -> str:
+    """``text`` as it may appear in a one-line message: as is when printable, else escaped
+    (``ascii()``), so a name taken from a file cannot add lines or terminal escapes."""
+    text = str(text)
+    return text if text.isprintable() else ascii(text)
+
+
 def _refused(path: str | Path, what: str) -> UnsafeFileError:
     return UnsafeFileError(
         f"{path} pickles {what}, which could run code when loaded: refused. Use a checkpoint this "
@@ -50,14 +61,19 @@ def load_weights_only(path: str | Path) -> Any:
     Raises:
         UnsafeFileError: the file pickles an object other than tensors and plain types.
     """
+    return _load_weights_only(path, path)
+
+
+def _load_weights_only(file: str | Path | io.BytesIO, named: str | Path) -> Any:
+    """:func:`load_weights_only` of a file or buffer; ``named``: what a refusal calls it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
             raise  # a truncated or corrupted file: the caller says so
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        what = f"the global {found.group(1)}" if found else "objects other than tensors and plain types"
-        raise _refused(path, what) from None
+        found = re.search(r"GLOBAL (.*?) (?:was not an allowed global|whose module)", str(err), re.S)
+        what = f"the global {shown(found.group(1))}" if found else "objects other than tensors and plain types"
+        raise _refused(named, what) from None
 
 
 # torch's distributed-checkpoint metadata pickles these besides its own record classes.
@@ -92,7 +108,7 @@ class _CheckpointMetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         elif (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise _RefusedGlobal(f"the global {module}.{name}")
+        raise _RefusedGlobal(f"the global {shown(f'{module}.{name}')}")
 
 
 def check_distributed_checkpoint_metadata(folder: str | Path) -> None:
@@ -107,6 +123,67 @@ def check_distributed_checkpoint_metadata(folder: str | Path) -> None:
             _CheckpointMetadataUnpickler(handle).load()
     except _RefusedGlobal as err:
         raise _refused(path, str(err)) from None
+
+
+def check_distributed_checkpoint_values(folder: str | Path) -> None:
+    """Reads every non-tensor entry of a distributed checkpoint's shards weights-only.
+
+    torch stores a state dict's non-tensor values (optimizer and loop state) as ``torch.save``
+    bytes and unpickles them with ``weights_only=False`` when it loads the folder (Lightning's
+    resume does); each is read here first, from the place the metadata gives it. Run it after
+    :func:`check_distributed_checkpoint_metadata` and once the shards are known complete.
+
+    Raises:
+        UnsafeFileError: an entry pickles an object other than tensors and plain types.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    for key, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, BytesStorageMetadata):
+            continue  # tensors: torch reads them weights-only
+        named = f"{folder}: the entry {shown(repr(key))}"
+        stored = metadata.storage_data[MetadataIndex(key)]  # the lookup torch's reader makes
+        if getattr(stored, "transform_descriptors", None):
+            raise UnsafeFileError(
+                f"{named} is stored through transforms "
+                f"({shown(', '.join(map(str, stored.transform_descriptors)))}), which this project "
+                f"never writes and cannot check: refused ({TRUST_NOTE})"
+            )
+        with open(Path(folder) / stored.relative_path, "rb") as handle:
+            handle.seek(stored.offset)
+            value = handle.read(stored.length)
+        _load_weights_only(io.BytesIO(value), named)
+
+
+def load_distributed_checkpoint(state: dict[str, Any], folder: str | Path) -> None:
+    """``torch.distributed.checkpoint.load(state, folder)`` in this one process, reading the
+    keys of ``state`` in place, non-tensor entries weights-only (torch's own planner unpickles
+    them with anything allowed).
+
+    Raises:
+        UnsafeFileError: an entry pickles an object other than tensors and plain types.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class WeightsOnlyLoadPlanner(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            fqn = read_item.dest_index.fqn
+            loaded = _load_weights_only(value, f"{folder}: the entry {shown(repr(fqn))}")
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], loaded)
+            else:
+                self.state_dict[fqn] = loaded
+
+    try:
+        dcp.load(state, checkpoint_id=str(folder), planner=WeightsOnlyLoadPlanner(), no_dist=True)
+    except dcp.CheckpointException as err:  # torch wraps each rank's error with its traceback
+        refused = [exc for exc, _ in err.failures.values() if isinstance(exc, UnsafeFileError)]
+        if refused:
+            raise refused[0] from None
+        raise
 
 
 # A saved config may build classes from these packages (Lightning's trainer parts, not its CLI,

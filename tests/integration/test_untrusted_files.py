@@ -17,7 +17,8 @@ from test_evaluate import compose_eval
 
 from conftest import compose_cfg
 from relift_pl.checkpoint import check_checkpoint_file, resolve_ckpt_path
-from relift_pl.evaluate import load_checkpoint_weights, run_config
+from relift_pl.evaluate import _load_sharded_weights, load_checkpoint_weights, run_config
+from relift_pl.untrusted import load_distributed_checkpoint
 
 
 class CreatesFile:
@@ -30,11 +31,17 @@ class CreatesFile:
         return (open, (self.path, "w"))
 
 
-def sharded_checkpoint(folder, meta: dict | None = None):
-    """A real FSDP2-style checkpoint folder: torch's distributed checkpoint plus Lightning's meta.pt."""
+# Non-tensor entries of an FSDP2 checkpoint's optimizer state: torch pickles them into the shards.
+OPTIMIZER = {"param_groups": [{"lr": 1e-6, "betas": (0.9, 0.999), "foreach": None, "params": ["w"]}]}
+
+
+def sharded_checkpoint(folder, meta: dict | None = None, state: dict | None = None):
+    """A real FSDP2-style checkpoint folder: torch's distributed checkpoint (``state``, default
+    weights and optimizer settings) plus Lightning's meta.pt."""
+    state = state or {"state_dict": {"w": torch.zeros(2, 3)}, "optimizer_0": OPTIMIZER}
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
         warnings.simplefilter("ignore")
-        dcp.save({"state_dict": {"w": torch.zeros(2, 3)}}, checkpoint_id=str(folder), no_dist=True)
+        dcp.save(state, checkpoint_id=str(folder), no_dist=True)
     torch.save(meta or {"global_step": 3, "relift": {"step_count": 3}}, folder / "meta.pt")
     return folder
 
@@ -47,9 +54,15 @@ def refusal(call) -> str:
     return message
 
 
-def test_a_folder_this_project_writes_passes(tmp_path):
-    folder = sharded_checkpoint(tmp_path / "last.ckpt")
+def test_a_folder_this_project_writes_passes_and_loads(tmp_path):
+    weights = torch.arange(6.0).reshape(2, 3)
+    folder = sharded_checkpoint(tmp_path / "last.ckpt", state={"state_dict": {"w": weights}, "optimizer_0": OPTIMIZER})
     assert check_checkpoint_file(folder) == folder
+    # The weights-only load reads tensors and the optimizer's plain values alike.
+    state = {"state_dict": {"w": torch.zeros(2, 3)},
+             "optimizer_0": {"param_groups": [{"lr": 0.0, "betas": (0, 0), "foreach": True, "params": []}]}}
+    load_distributed_checkpoint(state, folder)
+    assert torch.equal(state["state_dict"]["w"], weights) and state["optimizer_0"] == OPTIMIZER
 
 
 @pytest.mark.parametrize("how", ["train.py ckpt_path=", "evaluate.py ckpt_path="])
@@ -62,6 +75,35 @@ def test_a_crafted_meta_pt_is_refused_without_running(tmp_path, how):
         message = refusal(lambda: load_checkpoint_weights(None, str(folder)))
     assert not marker.exists()
     assert message.startswith(f"{folder / 'meta.pt'} pickles the global ")
+
+
+@pytest.mark.parametrize("how", ["train.py ckpt_path=", "evaluate.py ckpt_path="])
+def test_a_crafted_shard_entry_is_refused_without_running(tmp_path, how):
+    # torch pickles a non-tensor entry into the shard and unpickles it with anything allowed.
+    marker = tmp_path / "ran"
+    evil = {"state_dict": {"w": torch.zeros(2, 3)}, "optimizer_0": {"state": CreatesFile(marker)}}
+    folder = sharded_checkpoint(tmp_path / "last.ckpt", state=evil)
+    if how.startswith("train"):
+        message = refusal(lambda: resolve_ckpt_path(str(folder), tmp_path))
+    else:
+        message = refusal(lambda: load_checkpoint_weights(None, str(folder)))
+    assert not marker.exists()
+    assert message.startswith(f"{folder}: the entry 'optimizer_0.state' pickles the global io.open,")
+
+
+def test_sharded_weights_are_read_weights_only(tmp_path):
+    # A weight stored as a pickle under the module's own key: evaluate.py's own load reads it
+    # weights-only, even past the folder check.
+    marker = tmp_path / "ran"
+    folder = sharded_checkpoint(tmp_path / "last.ckpt", state={"state_dict": {"w": CreatesFile(marker)}})
+
+    class Module:
+        def state_dict(self):
+            return {"w": torch.zeros(2, 3)}
+
+    message = refusal(lambda: _load_sharded_weights(Module(), folder))
+    assert not marker.exists()
+    assert message.startswith(f"{folder}: the entry 'state_dict.w' pickles the global io.open,")
 
 
 def test_a_crafted_single_file_checkpoint_is_refused_in_one_line(tmp_path):
