@@ -191,7 +191,7 @@ def test_a_run_folder_cannot_turn_on_remote_code(tmp_path):
     assert run_config_of(run, "model.trust_remote_code=true").model.trust_remote_code is True
 
 
-@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+@pytest.mark.parametrize("script", ["train.py", "train.py shard", "evaluate.py"])
 def test_the_scripts_refuse_crafted_folders_in_one_line(tmp_path, script):
     from test_cli import run
 
@@ -200,6 +200,11 @@ def test_the_scripts_refuse_crafted_folders_in_one_line(tmp_path, script):
         folder = sharded_checkpoint(tmp_path / "last.ckpt", {"relift": CreatesFile(marker)})
         done = run(script, f"ckpt_path={folder}", f"hydra.run.dir={tmp_path / 'out'}")
         expected = f"Error: {folder / 'meta.pt'} pickles the global "
+    elif script == "train.py shard":  # ... whose optimizer state (in the shards) pickles code
+        evil = {"state_dict": {"w": torch.zeros(2, 3)}, "optimizer_0": {"state": CreatesFile(marker)}}
+        folder = sharded_checkpoint(tmp_path / "last.ckpt", state=evil)
+        done = run("train.py", f"ckpt_path={folder}", f"hydra.run.dir={tmp_path / 'out'}")
+        expected = f"Error: {folder}: the entry 'optimizer_0.state' pickles the global io.open,"
     else:  # scoring a downloaded run folder
         evil = {"_target_": "shutil.copy", "src": __file__, "dst": str(marker)}
         run_dir = saved_run(tmp_path / "run", **{"callbacks.evil": evil})
