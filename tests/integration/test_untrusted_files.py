@@ -6,6 +6,7 @@ one line naming the file (or key), and that the marker does not exist.
 
 from __future__ import annotations
 
+import json
 import pickle
 import warnings
 
@@ -184,14 +185,110 @@ def test_a_run_folder_may_name_torch_and_lightning_classes_and_the_command_line_
     assert run_config_of(run, "reward._target_=stub_rewards.HashReward").callbacks.timer
 
 
-def test_a_run_folder_cannot_turn_on_remote_code(tmp_path):
-    run = saved_run(tmp_path, **{"model.trust_remote_code": True})
-    message = str(pytest.raises(ValueError, run_config_of, run).value)
-    assert "model.trust_remote_code=True would run Python files" in message
-    assert run_config_of(run, "model.trust_remote_code=true").model.trust_remote_code is True
+def refused_key(run, key: str, value: str, why: str) -> str:
+    """The refusal of a saved config's ``key`` holding ``value``."""
+    return (
+        f"{run / '.hydra' / 'config.yaml'}: {key}={value} {why}, so it is refused; set {key} on the "
+        "command line if you trust it (relift-pl loads only what cannot run code; see README, "
+        "Untrusted files)"
+    )
 
 
-@pytest.mark.parametrize("script", ["train.py", "train.py shard", "evaluate.py"])
+RESOLVING = "; resolving it could build or run anything"
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (
+            "${oc.create:{_target_: shutil.copy, src: 'SRC', dst: 'DST'}}",
+            "calls the resolver oc.create, which a saved config may not call (allowed: oc.select, "
+            "oc.env, relift_root, openr1_sample)",
+        ),
+        (
+            """${oc.decode:'{_target_: shutil.copy, src: "SRC", dst: "DST"}'}""",
+            "calls the resolver oc.decode, which a saved config may not call (allowed: oc.select, "
+            "oc.env, relift_root, openr1_sample)",
+        ),
+        (
+            "${oc.select:nowhere,{_target_: shutil.copy, src: 'SRC', dst: 'DST'}}",
+            "passes a dict or list literal to a resolver",
+        ),
+        ("${${paths.root_dir}:x}", "names its resolver through an interpolation"),
+        ("${oc.env:HOME}", "reads an environment variable other than relift-pl's RELIFT_*"),
+    ],
+)
+def test_a_run_folder_config_cannot_hide_a_target_in_a_resolver(tmp_path, value, why):
+    # Each value resolves to a node whose _target_ copies a file (the unresolved tree has none).
+    marker = tmp_path / "ran"
+    value = value.replace("SRC", __file__).replace("DST", str(marker))
+    run = saved_run(tmp_path, **{"callbacks.evil": value})
+    message = refusal(lambda: run_config_of(run))
+    assert message == refused_key(run, "callbacks.evil", repr(value), why + RESOLVING)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("experiment", ["paper_rehearsal", "relift_qwen_math_7b", "toy"])
+def test_the_projects_own_run_configs_pass(tmp_path, experiment):
+    # paths.data_dir: ${oc.env:RELIFT_DATA_DIR,...}; the vLLM engine's ${oc.select:...} and
+    # trust_remote_code: ${model.trust_remote_code}; the rehearsal's ${openr1_sample:...}.
+    cfg = compose_cfg([f"experiment={experiment}"], output_dir=tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / "final_model").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    assert run_config_of(tmp_path).model.name_or_path == str(tmp_path / "final_model")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "model.trust_remote_code",
+        "model.config_overrides.trust_remote_code",  # from_pretrained's own argument
+        "rollout.engine.trust_remote_code",
+        "rollout.engine.engine_kwargs.trust_remote_code",
+        "rollout.engine.hf_overrides.trust_remote_code",
+    ],
+)
+def test_a_run_folder_cannot_turn_on_remote_code(tmp_path, key):
+    run = saved_run(tmp_path, **{key: True})
+    message = refusal(lambda: run_config_of(run))
+    assert message == refused_key(run, key, "True", "would run Python files from the model folder")
+    if key == "model.trust_remote_code":
+        assert run_config_of(run, "model.trust_remote_code=true").model.trust_remote_code is True
+
+
+def test_a_run_folder_names_no_code_for_vllm_to_import(tmp_path):
+    key = "rollout.engine.engine_kwargs.worker_extension_cls"
+    run = saved_run(tmp_path, **{key: "shutil.copy"})
+    message = refusal(lambda: run_config_of(run))
+    assert message == refused_key(run, key, "'shutil.copy'", "is a vLLM engine argument that may name code for vLLM to import")
+    # Numbers, switches and one-word choices are engine settings.
+    settings = {"max_num_seqs": 8, "enforce_eager": True, "kv_cache_dtype": "fp8", "swap_space": 0.5}
+    run = saved_run(tmp_path / "plain", **{"rollout.engine.engine_kwargs": settings})
+    assert run_config_of(run).rollout.engine.engine_kwargs == settings
+
+
+def remote_code_model(folder, marker):
+    """A model folder whose auto_map names its own Python file, which creates ``marker`` on import."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"},
+    }))  # fmt: skip
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    return folder
+
+
+def test_config_overrides_cannot_turn_on_remote_code(tmp_path):
+    from relift_pl.models import load_policy
+
+    marker = tmp_path / "ran"
+    folder = remote_code_model(tmp_path / "final_model", marker)
+    with pytest.raises(ValueError, match="^model.config_overrides.trust_remote_code would let the model folder run"):
+        load_policy(str(folder), config_overrides={"trust_remote_code": True})
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("script", ["train.py", "train.py shard", "evaluate.py", "evaluate.py resolver"])
 def test_the_scripts_refuse_crafted_folders_in_one_line(tmp_path, script):
     from test_cli import run
 
@@ -205,11 +302,16 @@ def test_the_scripts_refuse_crafted_folders_in_one_line(tmp_path, script):
         folder = sharded_checkpoint(tmp_path / "last.ckpt", state=evil)
         done = run("train.py", f"ckpt_path={folder}", f"hydra.run.dir={tmp_path / 'out'}")
         expected = f"Error: {folder}: the entry 'optimizer_0.state' pickles the global io.open,"
-    else:  # scoring a downloaded run folder
+    elif script == "evaluate.py":  # scoring a downloaded run folder
         evil = {"_target_": "shutil.copy", "src": __file__, "dst": str(marker)}
         run_dir = saved_run(tmp_path / "run", **{"callbacks.evil": evil})
         done = run(script, f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'out'}")
         expected = f"Error: {run_dir / '.hydra' / 'config.yaml'}: callbacks.evil._target_='shutil.copy'"
+    else:  # ... whose _target_ appears only when a resolver runs
+        evil = f"${{oc.create:{{_target_: shutil.copy, src: '{__file__}', dst: '{marker}'}}}}"
+        run_dir = saved_run(tmp_path / "run", **{"callbacks.evil": evil})
+        done = run("evaluate.py", f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'out'}")
+        expected = f"Error: {run_dir / '.hydra' / 'config.yaml'}: callbacks.evil={evil!r} calls the resolver oc.create,"
     assert not marker.exists()
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1].startswith(expected)
