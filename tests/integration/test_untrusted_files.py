@@ -6,9 +6,11 @@ one line naming the file (or key), and that the marker does not exist.
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -121,6 +123,39 @@ def test_a_crafted_distributed_checkpoint_metadata_is_refused_without_running(tm
     message = refusal(lambda: check_checkpoint_file(folder))
     assert not marker.exists()
     assert message.startswith(f"{folder / '.metadata'} pickles the global ")
+
+
+def with_pickle(path, data: bytes):
+    """Replaces the pickle inside a ``torch.save`` file (a zip) with ``data``."""
+    files = zipfile.ZipFile(io.BytesIO(path.read_bytes()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for info in files.infolist():
+            archive.writestr(info, data if info.filename.endswith("/data.pkl") else files.read(info))
+    path.write_bytes(out.getvalue())
+
+
+# A global named with terminal escapes (clear screen, red) and, in protocol 4, a line break (no
+# such module exists: what these test is the message).
+ESCAPES = b"\x1b[2J\x1b[31mbuiltins"
+MARKER_ARGS = b"X\x06\x00\x00\x00markerX\x01\x00\x00\x00w\x86R."  # ("marker", "w"), call, stop
+PROTOCOL_2 = b"\x80\x02c" + ESCAPES + b"\nopen\n" + MARKER_ARGS
+MODULE = ESCAPES + b"\nok"
+PROTOCOL_4 = b"\x80\x04\x8c" + bytes([len(MODULE)]) + MODULE + b"\x8c\x04open\x93" + MARKER_ARGS
+
+
+def test_names_from_a_file_are_shown_escaped(tmp_path):
+    folder = sharded_checkpoint(tmp_path / "last.ckpt")
+    with_pickle(folder / "meta.pt", PROTOCOL_2)
+    message = refusal(lambda: check_checkpoint_file(folder))
+    assert message.startswith(f"{folder / 'meta.pt'} pickles the global '\\x1b[2J\\x1b[31mbuiltins.open',")
+    (folder / ".metadata").write_bytes(PROTOCOL_4)
+    message = refusal(lambda: check_checkpoint_file(folder))
+    assert message.startswith(f"{folder / '.metadata'} pickles the global '\\x1b[2J\\x1b[31mbuiltins\\nok.open',")
+    # A config key with a line break.
+    run = saved_run(tmp_path / "run", **{"callbacks": {"evil\n\x1b[2J": {"_target_": "shutil.copy"}}})
+    message = refusal(lambda: run_config_of(run))
+    assert message.startswith(f"{run / '.hydra' / 'config.yaml'}: 'callbacks.evil\\n\\x1b[2J._target_'='shutil.copy' ")
 
 
 def test_a_truncated_metadata_is_still_called_incomplete(tmp_path):
