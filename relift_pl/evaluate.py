@@ -30,7 +30,7 @@ from relift_pl.config import ConfigError
 from relift_pl.module import ReLIFTModule
 from relift_pl.results import write_results
 from relift_pl.train import build
-from relift_pl.untrusted import check_saved_config, load_weights_only
+from relift_pl.untrusted import check_saved_config, load_distributed_checkpoint, load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,10 @@ def load_checkpoint_weights(module: ReLIFTModule, ckpt_path: str) -> None:
 
 def _load_sharded_weights(module: ReLIFTModule, folder: Path) -> dict:
     """``{"state_dict", "relift"}`` of a sharded checkpoint folder, read in this one process."""
-    import torch.distributed.checkpoint as dcp
     from lightning.fabric.utilities.load import _METADATA_FILENAME
 
     state = {"state_dict": module.state_dict()}
-    dcp.load(state, checkpoint_id=str(folder), no_dist=True)  # reads just these keys
+    load_distributed_checkpoint(state, folder)  # reads just these keys
     meta = load_weights_only(folder / _METADATA_FILENAME)
     return {**state, "relift": meta.get("relift")} if "relift" in meta else state
 
