@@ -30,7 +30,7 @@ from relift_pl.run_folder import (
     unwritable_line,
 )
 from relift_pl.stop_tokens import apply_stop_tokens
-from relift_pl.summary import RunSummary
+from relift_pl.summary import RANDOM_WEIGHTS_NOTE, RunSummary
 from relift_pl.validation import CheckedConfig, check_config, instantiate_checked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +155,7 @@ def fit(cfg: DictConfig) -> FitResult:
         wall_seconds=time.time() - started,
         k={name: evaluation.k_of(name) for name in eval_sets} if evaluation else {},
         extra=dict(module.time_totals),  # where the time went, and the peak memory
+        note=RANDOM_WEIGHTS_NOTE if cfg.model.get("random_weights") else None,
     )
     if trainer.is_global_zero:
         summary.print()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -15,8 +14,9 @@ from relift_pl.data.sampler import StepBatchSampler
 from relift_pl.data.sources import RowProblem, bad_row_error, skipped_summary
 from relift_pl.data.templates import prompt_text, resolve_chat_template, response_text
 from relift_pl.data.token_ids import prompt_token_ids, text_ids
+from relift_pl.quiet import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # every rank loads the same rows: rank 0 says so
 
 RowsFactory = Callable[[], list[dict[str, Any]]]
 DROPPED_DEMOS_WARNING = 0.5

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,9 +24,10 @@ from datasets import load_dataset, load_from_disk
 
 from relift_pl.config import ConfigError
 from relift_pl.data.row_checks import warn_about_rows
+from relift_pl.quiet import rank_zero_logger
 from relift_pl.rewards.extract import GRADING_MODES, THINK_CLOSE, last_boxed, split_think
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # every rank loads the same rows: rank 0 says so
 
 # Schema field -> source column. ``demonstration`` is off unless a preset names its column.
 DEFAULT_COLUMNS: dict[str, str | None] = {
