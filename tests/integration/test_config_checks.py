@@ -61,6 +61,13 @@ def test_sft_on_the_toy_follows_the_batch_size():
     check_config(cfg, training=True)
 
 
+def test_a_bad_batch_size_is_named_not_the_buffer_threshold_it_feeds():
+    # experiment=toy2 sets algorithm.buffer_threshold: ${data.batch_size}; the message named it.
+    with pytest.raises(ConfigError) as err:
+        check_config(compose_cfg(["data.batch_size=-3"]), training=True)
+    assert str(err.value) == "data.batch_size must be >= 1, got -3"
+
+
 def test_sft_only_run_with_m_not_b_is_refused():
     cfg = compose_cfg(["algorithm=sft", "data.batch_size=32", "algorithm.buffer_threshold=16"])
     with pytest.raises(ConfigError) as err:
