@@ -12,22 +12,24 @@ from relift_pl.signals import catch_from_start
 
 catch_from_start()
 
+import sys  # noqa: E402
+
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from relift_pl.cli import check_top_level_keys, config_errors, say  # noqa: E402
-from relift_pl.run_folder import run_folder_in_use  # noqa: E402
+from relift_pl.cli import check_top_level_keys, config_errors, exit_on_unknown_override, say  # noqa: E402
 from relift_pl.train import train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    with config_errors():  # a bad value: one line, no traceback
+    # A bad value: one line, no traceback, and no run folder left for a run that never started.
+    with config_errors(run_folder=cfg.paths.output_dir):
         check_top_level_keys(cfg, "train")
-        say(f"run directory: {run_folder_in_use(cfg.paths.output_dir)[0]}")
-        train(cfg)
+        train(cfg)  # prints the run directory once the config checks passed
         say(f"outputs (checkpoints, logs, summary.json) are in {cfg.paths.output_dir}")
 
 
 if __name__ == "__main__":
+    exit_on_unknown_override(sys.argv[1:], "train")  # max_step=5: "did you mean max_steps?"
     main()

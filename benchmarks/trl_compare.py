@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -134,7 +135,43 @@ def _load(line: str) -> str:
     return line.split("load average:")[-1].strip() if "load average:" in line else line
 
 
+def cpu_model() -> str:
+    """The CPU's model name (a ratio holds for one machine: quote it with the machine)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _update_s(run: dict) -> float | None:
+    """A step's update phase: the loss forward plus backward, optimizer and the rest."""
+    parts = [run.get("loss_forward_s_per_step"), run.get("backward_optim_other_s_per_step")]
+    return None if None in parts else sum(parts)
+
+
+def _per_round(ours: list[dict | None], base: list[dict | None], value) -> list[float]:
+    """``value(base run) / value(our run)`` for each round where both ran: > 1 means faster."""
+    ratios = []
+    for mine, theirs in zip(ours, base):
+        a, b = (value(mine) if mine else None), (value(theirs) if theirs else None)
+        if a and b:
+            ratios.append(b / a)
+    return ratios
+
+
+def _spread(ratios: list[float]) -> str:
+    if not ratios:
+        return "-"
+    return f"{min(ratios):.2f}-{max(ratios):.2f}x" if len(ratios) > 1 else f"{ratios[0]:.2f}x"
+
+
 def summarise(results: dict[str, list[dict]], baseline: str | None) -> tuple[str, dict]:
+    """Medians over rounds per implementation and, against ``baseline``, the ratio of the medians
+    with its spread over rounds (each round's ratio) and the split: how much faster the
+    generation and the update phases are. A ratio means little without them."""
     summary: dict[str, dict] = {}
     for impl, runs in results.items():
         runs = [r for r in runs if r]
@@ -147,18 +184,29 @@ def summarise(results: dict[str, list[dict]], baseline: str | None) -> tuple[str
                 summary[impl][key] = statistics.median(values)
                 summary[impl][key + "_range"] = [min(values), max(values)]
         summary[impl]["loads_1min"] = [_load(r["uptime_before"]).split(",")[0] for r in runs]
-    header = "| implementation | runs | " + " | ".join(t for _, t, _ in FIGURES) + " | completions/s vs TRL | peak RSS vs TRL |"
-    lines = [header, "|" + "---|" * (len(FIGURES) + 4)]
+    header = ("| implementation | runs | " + " | ".join(t for _, t, _ in FIGURES) + " | completions/s vs "
+              "TRL | per round | generation vs TRL | update vs TRL | peak RSS vs TRL |")  # fmt: skip
+    lines = [header, "|" + "---|" * (len(FIGURES) + 7)]
     base = summary.get(baseline) if baseline else None
     for impl, s in summary.items():
         cells = [fmt.format(s[key]) if key in s else "-" for key, _, fmt in FIGURES]
-        ratio = rss = "-"
+        ratio = rounds = generation = update = rss = "-"
         if base and impl != baseline:
-            ratio = f"{s['completions_per_s'] / base['completions_per_s']:.2f}x"
-            rss = f"{s['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"
+            ours, theirs = results[impl], results[baseline]
+            per_round = _per_round(ours, theirs, lambda r: 1 / r["completions_per_s"])
+            generate = _per_round(ours, theirs, lambda r: r.get("generate_s_per_step"))
+            updates = _per_round(ours, theirs, _update_s)
             s["completions_per_s_ratio_vs_trl"] = s["completions_per_s"] / base["completions_per_s"]
+            s["completions_per_s_ratio_per_round"] = per_round
+            s["generation_speedup_vs_trl"] = statistics.median(generate) if generate else None
+            s["update_speedup_vs_trl"] = statistics.median(updates) if updates else None
             s["peak_rss_ratio_vs_trl"] = s["peak_rss_mb"] / base["peak_rss_mb"]
-        lines.append(f"| {impl} | {s['runs']} | " + " | ".join(cells) + f" | {ratio} | {rss} |")
+            ratio, rounds = f"{s['completions_per_s_ratio_vs_trl']:.2f}x", _spread(per_round)
+            generation = f"{s['generation_speedup_vs_trl']:.2f}x" if generate else "-"
+            update = f"{s['update_speedup_vs_trl']:.2f}x" if updates else "-"
+            rss = f"{s['peak_rss_ratio_vs_trl']:.2f}x"
+        lines.append(f"| {impl} | {s['runs']} | " + " | ".join(cells)
+                     + f" | {ratio} | {rounds} | {generation} | {update} | {rss} |")  # fmt: skip
     return "\n".join(lines), summary
 
 
@@ -185,7 +233,8 @@ def main(argv=None) -> None:
             *VARIANTS[variant], *args.extra,
         ]
     print(f"{len(impls)} implementations x {args.repeats} rounds, alternating; outputs in {out_dir}")
-    print(f"machine: {os.cpu_count()} CPUs, shared with other processes; {uptime()}", flush=True)
+    machine = f"{os.cpu_count()} x {cpu_model()}"
+    print(f"machine: {machine}, shared with other processes; {uptime()}", flush=True)
     results: dict[str, list[dict]] = {name: [] for name in impls}
     started = time.perf_counter()
     with open(out_dir / "log.jsonl", "w") as log:
@@ -197,13 +246,15 @@ def main(argv=None) -> None:
     table, summary = summarise(results, None if args.no_trl else "trl")
     meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "extra": args.extra,
             "repeats": args.repeats, "total_wall_s": time.perf_counter() - started,
-            "end_uptime": uptime(), "workload": str(workload), "cpus": os.cpu_count()}
+            "end_uptime": uptime(), "workload": str(workload), "cpus": os.cpu_count(),
+            "machine": machine}
     (out_dir / "summary.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=1))
-    (out_dir / "summary.md").write_text(table + "\n")
+    (out_dir / "summary.md").write_text(f"machine: {machine}; {args.repeats} alternating rounds\n\n{table}\n")
     print("\nmedians over rounds (s/step: median of each run's median step):")
     print(table)
-    print(f"\ntotal {meta['total_wall_s'] / 60:.1f} min; {meta['end_uptime']}; the machine was shared "
-          "with other processes: compare ratios from alternating runs, not absolute figures.")
+    print(f"\ntotal {meta['total_wall_s'] / 60:.1f} min on {machine}; {meta['end_uptime']}; the machine "
+          "was shared with other processes: compare ratios from alternating runs, not absolute "
+          "figures, and quote one with this machine, its spread over rounds and the split.")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from relift_pl.untrusted import (
     UnsafeFileError,
     check_distributed_checkpoint_metadata,
+    check_distributed_checkpoint_values,
     load_weights_only,
+    shown,
 )
 
 RESUMABLE_NAMES = ("preempted.ckpt", "last.ckpt")
@@ -276,7 +278,8 @@ def _check_checkpoint_folder(path: Path) -> Path:
         load_weights_only(path / _METADATA_FILENAME)
         missing = missing_shards(path)
         if missing:
-            raise FileNotFoundError(f"no shard files {', '.join(missing[:4])}")
+            raise FileNotFoundError(f"no shard files {shown(', '.join(missing[:4]))}")
+        check_distributed_checkpoint_values(path)  # its pickled entries, before torch loads them
     except UnsafeFileError:
         raise
     except Exception as err:  # missing or truncated files, a half-written save

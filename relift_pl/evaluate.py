@@ -29,8 +29,9 @@ from relift_pl.checkpoint import RESUMABLE_NAMES, check_checkpoint_file, resolve
 from relift_pl.config import ConfigError
 from relift_pl.module import ReLIFTModule
 from relift_pl.results import write_results
+from relift_pl.summary import RANDOM_WEIGHTS_NOTE
 from relift_pl.train import build
-from relift_pl.untrusted import check_saved_config, load_weights_only
+from relift_pl.untrusted import check_saved_config, load_distributed_checkpoint, load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,10 @@ def load_checkpoint_weights(module: ReLIFTModule, ckpt_path: str) -> None:
 
 def _load_sharded_weights(module: ReLIFTModule, folder: Path) -> dict:
     """``{"state_dict", "relift"}`` of a sharded checkpoint folder, read in this one process."""
-    import torch.distributed.checkpoint as dcp
     from lightning.fabric.utilities.load import _METADATA_FILENAME
 
     state = {"state_dict": module.state_dict()}
-    dcp.load(state, checkpoint_id=str(folder), no_dist=True)  # reads just these keys
+    load_distributed_checkpoint(state, folder)  # reads just these keys
     meta = load_weights_only(folder / _METADATA_FILENAME)
     return {**state, "relift": meta.get("relift")} if "relift" in meta else state
 
@@ -94,11 +94,22 @@ def _command_line_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def run_folder_of(ckpt_path: str) -> Path | None:
+    """The train.py run folder a checkpoint sits in (``<run>/checkpoints/<name>``, with the run's
+    saved ``.hydra/config.yaml``); None for a checkpoint anywhere else."""
+    path = Path(ckpt_path)
+    run = path.parent.parent
+    if path.parent.name == "checkpoints" and (run / ".hydra" / "config.yaml").is_file():
+        return run
+    return None
+
+
 def run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> DictConfig:
     """The config to score the run in ``cfg.run_dir`` with: its saved ``.hydra/config.yaml``,
     this job's output folder and logger, the explicit ``overrides`` on top, and its weights:
-    ``final_model/`` if present, else the newer of ``checkpoints/{last,preempted}.ckpt``
-    (unless the overrides name ``ckpt_path``, ``model`` or ``model.name_or_path``).
+    ``ckpt_path`` if set, else ``final_model/`` if present, else the newer of
+    ``checkpoints/{last,preempted}.ckpt`` (unless the overrides name ``model`` or
+    ``model.name_or_path``).
 
     Args:
         cfg: this job's composed config (the overrides already applied to it).
@@ -135,15 +146,16 @@ def run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> DictC
         missing = OmegaConf.select(cfg, key, default=KeyError, throw_on_resolution_failure=False)
         if missing is KeyError:
             raise ConfigError(
-                f"run_dir: the override {override.input_line} sets keys across the config (a "
-                "global group such as experiment=); with run_dir=, override single keys"
+                f"run_dir={run_dir}: the override {override.input_line} sets keys across the "
+                "config (a global group such as experiment=); scoring with the run's settings, "
+                "override single keys"
             )
         explicit.append(key)
     # The folder may come from elsewhere: build nothing it names but the allowed classes.
     check_saved_config(run, saved, trusted_keys=[*_JOB_KEYS, *explicit])
     for key in dict.fromkeys([*_JOB_KEYS, *explicit]):
         OmegaConf.update(run, key, _raw(cfg, key), merge=False, force_add=True)
-    if not any(k in ("ckpt_path", "model", "model.name_or_path") for k in explicit):
+    if not cfg.get("ckpt_path") and not any(k in ("model", "model.name_or_path") for k in explicit):
         final = run_dir / FINAL_MODEL
         try:
             checkpoint = resolve_ckpt_path("last", run_dir)
@@ -190,8 +202,14 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> EvalRes
         overrides: with ``cfg.run_dir``, the explicit overrides to lay over the run's config
             (default: this job's command line, see :func:`run_config`).
     """
+    if not cfg.get("run_dir") and cfg.get("ckpt_path") and run_folder_of(cfg.ckpt_path):
+        cfg = cfg.copy()  # a checkpoint of a train.py run: that run's settings, not evaluate.yaml's
+        cfg.run_dir = str(run_folder_of(cfg.ckpt_path))
+    settings = "conf/evaluate.yaml"
     if cfg.get("run_dir"):
         cfg = run_config(cfg, overrides)
+        settings = f"the run's {Path(cfg.run_dir) / '.hydra' / 'config.yaml'}"
+    print(f"settings: {settings}, with this command line's overrides on top", flush=True)
     if cfg.model.get("build") is not None and cfg.model.get("name_or_path"):
         raise ValueError(
             "model.name_or_path and model.build are both set (model=tiny builds the toy base): use "
@@ -234,6 +252,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> EvalRes
     ks = {s.name: s.k for s in scores}
     header = {
         **({"run": str(cfg.run_dir)} if cfg.get("run_dir") else {}),
+        "settings": settings,
         "model": str(cfg.get("ckpt_path") or cfg.model.name_or_path or "model.build (toy base)"),
         "k": str(sampling.n) if set(ks.values()) == {sampling.n}
         else ", ".join(f"{name}={k}" for name, k in ks.items()),
@@ -245,5 +264,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> EvalRes
     }  # fmt: skip
     files = write_results(scores, out_dir, header)
     print(files["md"].read_text())
+    if cfg.model.get("random_weights"):
+        print(RANDOM_WEIGHTS_NOTE)
     print(f"results written to {out_dir}")
     return EvalResult(scores, metrics, files)

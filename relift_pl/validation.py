@@ -39,11 +39,13 @@ def check_config(cfg: DictConfig, training: bool) -> CheckedConfig:
     master-weights check (train.py: a run with an optimizer)."""
     if not cfg.max_steps >= 1:
         raise ConfigError(f"max_steps must be >= 1, got {cfg.max_steps}")
-    sampling = rollout_sampling(cfg)  # first: the PG loss's loss_constant is max_new_tokens
+    # Before the algorithm: its values may interpolate data's (algorithm.buffer_threshold:
+    # ${data.batch_size}), and the error should name the key the user set.
+    check_data(cfg.data, training)
+    sampling = rollout_sampling(cfg)  # before the algorithm: the PG loss's loss_constant is max_new_tokens
     algorithm = instantiate_checked(cfg.algorithm, "algorithm")
     algorithm.validate()
     check_sft_only_batch(algorithm, cfg.data.batch_size)
-    check_data(cfg.data, training)
     check_reward(cfg.reward)
     check_eval_set_names(cfg)
     check_parallel_layout(cfg.trainer)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,10 +11,12 @@ from torch.utils.data import DataLoader
 
 from relift_pl.config import ConfigError
 from relift_pl.data.sampler import StepBatchSampler
+from relift_pl.data.sources import RowProblem, bad_row_error, skipped_summary
 from relift_pl.data.templates import prompt_text, resolve_chat_template, response_text
 from relift_pl.data.token_ids import prompt_token_ids, text_ids
+from relift_pl.quiet import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # every rank loads the same rows: rank 0 says so
 
 RowsFactory = Callable[[], list[dict[str, Any]]]
 DROPPED_DEMOS_WARNING = 0.5
@@ -35,6 +37,27 @@ def check_data_settings(
     for key, value in (("max_prompt_length", max_prompt_length), ("max_demo_length", max_demo_length)):
         if value < 1:
             raise ConfigError(f"data.{key} must be >= 1 (tokens), got {value}")
+
+
+UNKEEPABLE = RowProblem(
+    "has a special token's text in its problem that data.chat_template changes beyond trimming, so it "
+    "cannot be kept apart from the template's control tokens (a template that inserts messages as "
+    "they are keeps it: qwen_think does)"
+)
+
+
+def _unkeepable_rows(rows: list[dict[str, Any]], indices: list[int], name: str) -> None:
+    """Reports rows whose problem the template would turn into control tokens: an error naming the
+    source and the first row's id, or, when the source skips bad rows, a count and a warning."""
+    source = getattr(rows, "source", name)
+    if getattr(rows, "on_bad_row", "error") != "skip":
+        raise bad_row_error(source, f"the row with id {rows[indices[0]]['id']!r}", UNKEEPABLE)
+    for i in indices:
+        rows.skip(f"id {rows[i]['id']!r}", UNKEEPABLE)
+    log.warning(
+        "%s: skipped %d rows: %s", source, len(indices),
+        skipped_summary(Counter({UNKEEPABLE.kind: len(indices)}), rows.first_skipped),
+    )  # fmt: skip
 
 
 def _keep_rows(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -96,16 +119,21 @@ class ReLIFTDataModule(L.LightningDataModule):
         self.counts: dict[str, int] = {}
 
     # -- building rows ------------------------------------------------------------------------
-    def _tokenize(self, rows: list[dict[str, Any]], system_prompt: str | None, with_demos: bool):
+    def _tokenize(self, rows: list[dict[str, Any]], system_prompt: str | None, with_demos: bool, name: str):
         """Adds ``prompt_ids`` (and ``demo_ids``); returns (rows, counts of what was dropped).
         Problems and demonstrations are read as text: only the chat template adds special tokens
-        (:mod:`relift_pl.data.token_ids`)."""
+        (:mod:`relift_pl.data.token_ids`). ``name``: the rows' config key, for errors."""
         counts = {"prompts_too_long": 0, "demos_overlong": 0}
         problems = [r["problem"] for r in rows]
         prompts = [prompt_text(self.tokenizer, p, system_prompt, self.template) for p in problems]
-        prompt_ids = prompt_token_ids(self.tokenizer, problems, system_prompt, self.template, prompts)
+        unkeepable: list[int] = []
+        prompt_ids = prompt_token_ids(self.tokenizer, problems, system_prompt, self.template, prompts, unkeepable)
+        if unkeepable:
+            _unkeepable_rows(rows, unkeepable, name)
         out, kept_prompts = [], []
         for row, prompt, ids in zip(rows, prompts, prompt_ids, strict=True):
+            if ids is None:
+                continue  # skipped and counted above
             if len(ids) > self.max_prompt_length:
                 counts["prompts_too_long"] += 1
                 continue
@@ -128,7 +156,7 @@ class ReLIFTDataModule(L.LightningDataModule):
         if self.train_rows:
             return
         raw = self.train_rows_factory()
-        self.train_rows, counts = self._tokenize(raw, self.system_prompt, with_demos=True)
+        self.train_rows, counts = self._tokenize(raw, self.system_prompt, with_demos=True, name="data.train_rows")
         self.counts = {
             "train_rows": len(self.train_rows),
             "rows_skipped": sum(getattr(raw, "skipped", {}).values()),
@@ -156,7 +184,7 @@ class ReLIFTDataModule(L.LightningDataModule):
             return
         for name, factory in self.eval_set_factories.items():
             raw = factory()
-            self.eval_sets[name], counts = self._tokenize(raw, None, with_demos=False)
+            self.eval_sets[name], counts = self._tokenize(raw, None, with_demos=False, name=f"data.eval_sets.{name}")
             self.counts[f"eval/{name}/rows"] = len(self.eval_sets[name])
             dropped = counts["prompts_too_long"] + sum(getattr(raw, "skipped", {}).values())
             if dropped:

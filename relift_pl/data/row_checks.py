@@ -4,12 +4,12 @@ problems that repeat under another id (trained twice as often)."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
+from relift_pl.quiet import rank_zero_logger
 from relift_pl.rewards.verifier import gold_is_readable
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # every rank loads the same rows: rank 0 says so
 
 FIRST_IDS = 5
 """How many ids a warning names."""

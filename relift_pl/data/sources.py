@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from datasets import load_dataset, load_from_disk
 
 from relift_pl.config import ConfigError
 from relift_pl.data.row_checks import warn_about_rows
+from relift_pl.quiet import rank_zero_logger
 from relift_pl.rewards.extract import GRADING_MODES, THINK_CLOSE, last_boxed, split_think
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # every rank loads the same rows: rank 0 says so
 
 # Schema field -> source column. ``demonstration`` is off unless a preset names its column.
 DEFAULT_COLUMNS: dict[str, str | None] = {
@@ -46,18 +46,56 @@ class BadRowError(ConfigError):
     train.py / evaluate.py print it as they print config errors)."""
 
 
+class RowProblem(NamedTuple):
+    """Why a row is unusable."""
+
+    kind: str
+    """What is wrong, worded alike for every row it applies to: skipped rows are counted by it."""
+    text: str = ""
+    """This row's own description (positions, lengths), when it says more than ``kind``."""
+
+    def __str__(self) -> str:
+        return self.text or self.kind
+
+
 class LoadedRows(list):
     """The usable rows of one source (a plain list) plus what was skipped and why.
 
     Attributes:
         source: the file or hub id the rows came from.
-        skipped: reason -> number of rows skipped (empty unless ``on_bad_row="skip"``).
+        skipped: kind of problem -> number of rows skipped (empty unless ``on_bad_row="skip"``).
+        first_skipped: kind of problem -> the first skipped row of that kind and its details.
+        on_bad_row: the source's setting: rows found unusable later (when tokenized) follow it.
     """
 
-    def __init__(self, rows: list[dict[str, Any]], source: str, skipped: Counter) -> None:
+    def __init__(self, rows: list[dict[str, Any]], source: str, skipped: Counter,
+                 first_skipped: dict[str, str] | None = None, on_bad_row: str = "error") -> None:  # fmt: skip
         super().__init__(rows)
         self.source = source
         self.skipped = skipped
+        self.first_skipped = dict(first_skipped or {})
+        self.on_bad_row = on_bad_row
+
+    def skip(self, row: str, problem: RowProblem) -> None:
+        """Counts one skipped row (``row``: how to find it, e.g. ``row 3`` or ``id 'x'``)."""
+        self.skipped[problem.kind] += 1
+        self.first_skipped.setdefault(problem.kind, f"{row}{': ' + problem.text if problem.text else ''}")
+
+
+def bad_row_error(source: str, row: str, problem: RowProblem) -> BadRowError:
+    """The one-line error for an unusable row when its source does not skip them."""
+    return BadRowError(
+        f"{source}: {row} {problem}. Fix or remove the row, or set on_bad_row=skip on this source "
+        "to drop and count such rows."
+    )
+
+
+def skipped_summary(skipped: Counter, first_skipped: Mapping[str, str]) -> str:
+    """``<count> <kind> (first: <row and details>)`` for each kind of skipped row."""
+    return "; ".join(
+        f"{count} {kind} (first: {first_skipped[kind]})" if kind in first_skipped else f"{count} {kind}"
+        for kind, count in skipped.most_common()
+    )
 
 
 def _is_local(path_or_id: str) -> bool:
@@ -140,9 +178,14 @@ def get_field(record: Mapping[str, Any], spec: str) -> Any:
     return value
 
 
+ANSWER_LIMIT_KEYS = (
+    "data.train_rows.max_answer_chars=N (for an eval set: +data.eval_sets.<name>.max_answer_chars=N)"
+)
+
+
 def _problem_with_row(
     row: dict[str, Any], columns: Mapping[str, str | None], max_answer_chars: int
-) -> str | None:
+) -> RowProblem | None:
     """Why a mapped row is unusable (None when it is fine)."""
     for field in ("problem", "answer", "demonstration"):
         source = columns.get(field)
@@ -150,36 +193,40 @@ def _problem_with_row(
             continue
         value = row.get(field)
         if value is None:
-            return f"has no '{source}' ({field})"
+            return RowProblem(f"has no '{source}' ({field})")
         if not isinstance(value, str):
-            return f"has {type(value).__name__} in '{source}' ({field}), expected a string"
+            return RowProblem(f"has {type(value).__name__} in '{source}' ({field}), expected a string")
         if not value.strip():
-            return f"has an empty '{source}' ({field})"
+            return RowProblem(f"has an empty '{source}' ({field})")
         try:  # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer takes
             value.encode("utf-8")
         except UnicodeEncodeError as err:
-            return (
+            return RowProblem(
+                f"has a lone surrogate in '{source}' ({field}), which is not text",
                 f"has a lone surrogate ({value[err.start]!r}) at character {err.start} of "
-                f"'{source}' ({field}), which is not text"
+                f"'{source}' ({field}), which is not text",
             )
     if columns.get("answer") and len(row["answer"]) > max_answer_chars:
         # Every rollout's grading would run into the grader's timeout (benchmark golds: <= 210).
-        return (
+        raise_it = f"if such golds are meant, raise it with {ANSWER_LIMIT_KEYS}"
+        return RowProblem(
+            f"has an '{columns['answer']}' (answer) longer than max_answer_chars={max_answer_chars}: "
+            f"{raise_it}",
             f"has a {len(row['answer']):,}-character '{columns['answer']}' (answer), longer than "
-            f"max_answer_chars={max_answer_chars}"
+            f"max_answer_chars={max_answer_chars}: {raise_it}",
         )
     if columns.get("demonstration") and not _FINAL_ANSWER.search(row["demonstration"]):
-        return "has a demonstration with no final \\boxed{} answer"
+        return RowProblem("has a demonstration with no final \\boxed{} answer")
     return None
 
 
-def _response_format_problem(demonstration: str) -> str | None:
+def _response_format_problem(demonstration: str) -> RowProblem | None:
     """Why a formatted demonstration would not earn reward (None when it would)."""
     _, answer_part = split_think(demonstration)
     if answer_part is None:
-        return f"has a demonstration with no {THINK_CLOSE} once demo_template is applied"
+        return RowProblem(f"has a demonstration with no {THINK_CLOSE} once demo_template is applied")
     if last_boxed(answer_part) is None:
-        return f"has a demonstration with no \\boxed{{}} after its last {THINK_CLOSE}"
+        return RowProblem(f"has a demonstration with no \\boxed{{}} after its last {THINK_CLOSE}")
     return None
 
 
@@ -233,8 +280,7 @@ def load_rows(
         raise ValueError(f"grading must be one of {GRADING_MODES} or null, got {grading!r}")
     columns = {**DEFAULT_COLUMNS, **(columns or {})}
     stem = Path(path).name.split(".")[0]
-    rows: list[dict[str, Any]] = []
-    skipped: Counter = Counter()
+    rows = LoadedRows([], path, Counter(), on_bad_row=on_bad_row)
     first_seen: dict[str, int] = {}
     for index, record in enumerate(_records(path, split, subset)):
         if limit is not None and len(rows) >= limit:
@@ -246,11 +292,8 @@ def load_rows(
             problem = _response_format_problem(row["demonstration"])
         if problem is not None:
             if on_bad_row == "error":
-                raise BadRowError(
-                    f"{path}: row {index} (counting from 0) {problem}. Fix or remove the row, "
-                    "or set on_bad_row=skip on this source to drop and count such rows."
-                )
-            skipped[problem] += 1
+                raise bad_row_error(path, f"row {index} (counting from 0)", problem)
+            rows.skip(f"row {index}", problem)
             continue
         row_id = row.get("id")
         row["id"] = str(row_id) if row_id is not None else f"{stem}-{index}"
@@ -264,7 +307,10 @@ def load_rows(
         if grading is not None:
             row["grading"] = grading
         rows.append(row)
-    if skipped:
-        log.warning("%s: skipped %d malformed rows: %s", path, sum(skipped.values()), dict(skipped))
+    if rows.skipped:
+        log.warning(
+            "%s: skipped %d malformed rows: %s", path, sum(rows.skipped.values()),
+            skipped_summary(rows.skipped, rows.first_skipped),
+        )  # fmt: skip
     warn_about_rows(rows, path, grading)
-    return LoadedRows(rows, path, skipped)
+    return rows

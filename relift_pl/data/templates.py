@@ -13,13 +13,13 @@ prompt at train and eval time. ``chat_template`` picks it:
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from relift_pl.config import ConfigError
+from relift_pl.quiet import rank_zero_logger
 from relift_pl.rewards.extract import THINK_OPEN
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)  # every rank loads the same rows: rank 0 says so
 
 # Unlike the stock Qwen templates, no default system message when none is given: evaluation
 # drops the system prompt, as the reference does.

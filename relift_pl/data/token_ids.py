@@ -11,6 +11,7 @@ the template renders it, so ordinary rows get exactly the ids they always had.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from relift_pl.config import ConfigError
@@ -43,13 +44,19 @@ def prompt_token_ids(
     system_prompt: str | None = None,
     template: str | None = None,
     texts: list[str] | None = None,
-) -> list[list[int]]:
+    unkeepable: list[int] | None = None,
+) -> list[list[int] | None]:
     """Token ids of each problem's chat-formatted prompt (see :func:`prompt_text`), in which the
     template alone yields special tokens. ``texts``: those prompts, if already rendered.
 
+    A template that trims messages (Llama 3, Gemma, Phi: ``| trim``) is followed; one that changes
+    them otherwise leaves a problem holding a special token's text unkeepable: with
+    ``unkeepable`` given, its index is added there and its ids are None (the caller reports the
+    row), else it raises.
+
     Raises:
-        ConfigError: a problem holds a special token's text and the template changes message
-            text (e.g. trims it), so its text cannot be told apart from the template's.
+        ConfigError: such a problem, without ``unkeepable``; or ``data.system_prompt`` holds a
+            special token's text that the template changes.
     """
     if texts is None:
         texts = [prompt_text(tokenizer, p, system_prompt, template) for p in problems]
@@ -60,10 +67,30 @@ def prompt_token_ids(
     if special is None:
         return ids
     system_has_special = bool(system_prompt and special.search(system_prompt))
+    if system_has_special:
+        plain = prompt_text(tokenizer, "1+1", system_prompt, template)
+        if _ids_around_data(tokenizer, "1+1", system_prompt, template, plain) is None:
+            raise ConfigError(
+                f"data.system_prompt holds a special token's text ({system_prompt[:60]!r}...) and "
+                f"data.chat_template changes message text, so it cannot be kept apart from the "
+                f"template's tokens; {_KEEPING_TEMPLATE}"
+            )
     for i, problem in enumerate(problems):
         if system_has_special or special.search(problem):
             ids[i] = _ids_around_data(tokenizer, problem, system_prompt, template, texts[i])
+            if ids[i] is not None:
+                continue
+            if unkeepable is None:
+                raise ConfigError(
+                    "data.chat_template changes message text beyond trimming it, so a problem's "
+                    f"special-token text ({problem[:60]!r}...) cannot be kept apart from the "
+                    f"template's tokens; {_KEEPING_TEMPLATE}"
+                )
+            unkeepable.append(i)
     return ids
+
+
+_KEEPING_TEMPLATE = "use a template that inserts messages as they are (qwen_think does)"
 
 
 def prompt_ids(
@@ -73,20 +100,23 @@ def prompt_ids(
     return prompt_token_ids(tokenizer, [problem], system_prompt, template)[0]
 
 
-def _ids_around_data(tokenizer, problem: str, system_prompt: str | None, template: str | None, text: str) -> list[int]:
+def _ids_around_data(
+    tokenizer, problem: str, system_prompt: str | None, template: str | None, text: str
+) -> list[int] | None:
     """The template rendered around numbered slots: its pieces encoded as template text, each
-    slot's message as text."""
+    slot's message as text (trimmed if that is what the template did). None when the template
+    changed a message otherwise."""
     contents = [problem] + ([system_prompt] if system_prompt else [])
     slots = [_SLOT.format(i) for i in range(len(contents))]
     skeleton = prompt_text(tokenizer, slots[0], slots[1] if system_prompt else None, template)
     pieces = _SLOTS.split(skeleton)
-    filled = [contents[slots.index(p)] if p in slots else p for p in pieces]
-    if "".join(filled) != text:
-        raise ConfigError(
-            "data.chat_template changes message text (e.g. trims it), so a problem's special-token "
-            f"text ({problem[:60]!r}...) cannot be kept apart from the template's tokens; use a "
-            "template that inserts messages as they are (qwen_think does)"
-        )
+    # Each message as given, or trimmed (Jinja's trim is str.strip), in every combination.
+    for inserted in dict.fromkeys(itertools.product(*[(c, c.strip()) for c in contents])):
+        filled = [inserted[slots.index(p)] if p in slots else p for p in pieces]
+        if "".join(filled) == text:
+            break
+    else:
+        return None
     ids: list[int] = []
     for piece, content in zip(pieces, filled, strict=True):
         if piece in slots:

@@ -38,7 +38,7 @@ def split_think(response: str) -> tuple[str | None, str | None]:
     return reasoning, response[cut + len(THINK_CLOSE) :]
 
 
-_INTEGER = re.compile(r"[+-]?\d+")
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits: \d would take "٣٨٤" and "３８４" too
 
 
 def integer_literal(text: str) -> int | None:

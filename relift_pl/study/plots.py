@@ -102,10 +102,10 @@ def plot_bases(bases: dict[str, dict[str, dict]], path: Path) -> None:
     {run name: run} (GRPO, LUFFY, SFT on level 4)."""
     fig, axes = plt.subplots(1, len(bases), figsize=(4.6 * len(bases), 3.6), sharey=True, squeeze=False)
     for ax, (name, runs) in zip(axes[0], bases.items()):
-        for run_name, run in runs.items():
+        for (run_name, run), style in zip(runs.items(), ["--o", "-s", ":^"]):  # lines at 0 overlap
             steps = sorted(run["evals"])
-            ax.plot(steps, [accuracy(run["evals"][t])["level4"] * 100 for t in steps], "-o", ms=3,
-                    label=run_name)
+            ax.plot(steps, [accuracy(run["evals"][t])["level4"] * 100 for t in steps], style, ms=4,
+                    label=run_name, alpha=0.85)
         ax.set_title(f"base {name}: level 4 (validation, avg@4)", fontsize=9)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)

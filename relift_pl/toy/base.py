@@ -36,6 +36,8 @@ BASE_VERSION = 1
 """Part of the cache key: bump it when the training recipe changes so stale bases are not reused."""
 
 METADATA_FILE = "toy_base.json"
+BUILD_FIGURES = {"final_loss", "n_params", "train_seconds"}
+"""What a build adds to its settings in METADATA_FILE (`_train_base`'s figures)."""
 
 
 def tiny_qwen2_config(vocab_size: int, **overrides: Any) -> Qwen2Config:
@@ -140,7 +142,7 @@ def ensure_toy_base(
     if task_fraction:  # only then: the first world's bases keep their cache keys
         settings["task_fraction"] = task_fraction
         settings["digit_tasks"] = world2.warmstart_recipe()
-    shipped = shipped_base.find_shipped(settings, METADATA_FILE)
+    shipped = shipped_base.find_shipped(settings, METADATA_FILE, BUILD_FIGURES)
     if shipped is not None and not rebuild:
         shipped_base.verify_shipped(shipped)
         return shipped

@@ -29,13 +29,14 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def find_shipped(settings: dict[str, Any], metadata_file: str) -> Path | None:
-    """The shipped base built with exactly ``settings`` (its ``metadata_file`` holds them, plus
-    the build's own figures), or None."""
+def find_shipped(settings: dict[str, Any], metadata_file: str, figures: set[str]) -> Path | None:
+    """The shipped base built with exactly ``settings``: its ``metadata_file`` holds them and the
+    build's own ``figures`` (final loss, ...), nothing else, so a setting a request leaves out
+    (the first world's bases have no ``task_fraction``) never matches a base that has it."""
     wanted = json.loads(json.dumps(settings))  # as the file holds them (tuples become lists)
     for meta_path in sorted(SHIPPED_DIR.glob(f"*/{metadata_file}")):
         meta = json.loads(meta_path.read_text())
-        if {key: meta.get(key) for key in wanted} == wanted:
+        if {key: value for key, value in meta.items() if key not in figures} == wanted:
             return meta_path.parent
     return None
 

@@ -161,6 +161,7 @@ def _cached_pool(
             "answer": str(p.answer),
             "demonstration": p.demonstration(stop_after),
             "level": level,
+            "grading": "integer",  # evaluate.py grades the toy's rows as numbers, whatever reward.mode
         }
         for p in _enumerate(level, cfg)
         if split_of(p.text, cfg.test_fraction, cfg.val_fraction) == split
@@ -188,7 +189,8 @@ def make_rows(
 
     Returns:
         Rows in the schema of the real data loaders: {"id", "problem", "answer",
-        "demonstration", "level"}; `demonstration` is the response without prompt and EOS.
+        "demonstration", "level", "grading"}; `demonstration` is the response without prompt
+        and EOS; `grading` is "integer" (the answer is one integer literal).
         Rows are grouped by level in the order of `levels`, shuffled within each level.
     """
     if split not in SPLITS:

@@ -206,6 +206,7 @@ def _cached_pool(split: str, level: int, cfg: ToyWorld2Config, style: str, stop_
             "answer": answer_of(p, level),
             "demonstration": demonstration(p, level, style, stop_after),  # type: ignore[arg-type]
             "level": level,
+            "grading": "integer",  # evaluate.py grades the toy's rows as numbers, whatever reward.mode
         }
         for p in _problems(level, cfg)
         if split_of(p, a.test_fraction, a.val_fraction) == split

@@ -41,18 +41,40 @@ def run(script: str, *overrides: str, full_error: bool = False) -> subprocess.Co
             "ckpt is not a top-level key of conf/evaluate.yaml; did you mean ckpt_path? Remove it "
             "or fix its spelling.",
         ),
+        (  # without the +: Hydra's own message said "To append to your config use +max_step=5"
+            "train.py", ["max_step=5"],
+            "max_step is not a top-level key of conf/train.yaml; did you mean max_steps? Remove it "
+            "or fix its spelling.",
+        ),
+        (
+            "evaluate.py", ["ckpt=x.ckpt"],
+            "ckpt is not a top-level key of conf/evaluate.yaml; did you mean ckpt_path? Remove it "
+            "or fix its spelling.",
+        ),
+        (
+            "train.py", ["callbacks.evaluaton.k=3"],
+            "callbacks.evaluaton is not a key of callbacks; did you mean evaluation? Remove it or "
+            "fix its spelling.",
+        ),
         (
             "train.py", ["algorithm.group_size=1"],
             "algorithm.group_size must be >= 2 (GRPO compares samples within a group), got 1",
         ),
+        (  # the key the user set, not algorithm.buffer_threshold (${data.batch_size}) it feeds
+            "train.py", ["data.batch_size=-3"], "data.batch_size must be >= 1, got -3",
+        ),
     ],
 )
 def test_config_error_is_one_line_without_traceback(script, overrides, message, tmp_path):
-    done = run(script, *overrides, f"hydra.run.dir={tmp_path}")
+    run_dir = tmp_path / "run"
+    done = run(script, *overrides, f"hydra.run.dir={run_dir}")
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == f"Error: {message}"
     assert "Traceback" not in done.stderr
     assert "Loading weights" not in done.stderr + done.stdout  # failed before any model loaded
+    # A run that never started announces no run directory and leaves no folder (nor train.log).
+    assert "run directory" not in done.stdout
+    assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())
 
 
 def test_hydra_full_error_shows_the_traceback(tmp_path):

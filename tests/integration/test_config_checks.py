@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import CONF, compose_cfg
-from relift_pl.cli import check_top_level_keys, declared_top_level_keys
+from relift_pl.cli import check_top_level_keys, declared_top_level_keys, unknown_override_message
 from relift_pl.config import ConfigError
 from relift_pl.validation import check_config, check_master_weights
 
@@ -61,6 +61,13 @@ def test_sft_on_the_toy_follows_the_batch_size():
     check_config(cfg, training=True)
 
 
+def test_a_bad_batch_size_is_named_not_the_buffer_threshold_it_feeds():
+    # experiment=toy2 sets algorithm.buffer_threshold: ${data.batch_size}; the message named it.
+    with pytest.raises(ConfigError) as err:
+        check_config(compose_cfg(["data.batch_size=-3"]), training=True)
+    assert str(err.value) == "data.batch_size must be >= 1, got -3"
+
+
 def test_sft_only_run_with_m_not_b_is_refused():
     cfg = compose_cfg(["algorithm=sft", "data.batch_size=32", "algorithm.buffer_threshold=16"])
     with pytest.raises(ConfigError) as err:
@@ -83,6 +90,29 @@ def test_misspelled_top_level_key_is_refused_with_close_matches():
         "max_step is not a top-level key of conf/train.yaml; did you mean max_steps? "
         "Remove it or fix its spelling."
     )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["max_step=5"], "max_step is not a top-level key of conf/train.yaml; did you mean max_steps?"),
+        (["data.batch_size=4", "algorithm.group_sise=4"],
+         "algorithm.group_sise is not a key of algorithm; did you mean group_size?"),
+        (["experiment=paper_rehearsal", "rollout.engine.kv_cache_memory_byte=1"],
+         "rollout.engine.kv_cache_memory_byte is not a key of rollout.engine; did you mean kv_cache_memory_bytes?"),
+        (["callbacks.evaluaton.k=3"], "callbacks.evaluaton is not a key of callbacks; did you mean evaluation?"),
+    ],
+)
+def test_an_override_of_a_missing_key_names_the_close_matches(overrides, message):
+    # Hydra's own message for these ("To append to your config use +max_step=5") invites the wrong
+    # fix; train.py / evaluate.py print this one before Hydra starts.
+    assert unknown_override_message(overrides, "train") == f"{message} Remove it or fix its spelling."
+
+
+def test_overrides_that_compose_or_fail_otherwise_are_left_to_hydra():
+    assert unknown_override_message(["max_steps=5", "algorithm=grpo", "hydra.run.dir=x"], "train") is None
+    assert unknown_override_message(["trainer=no_such_trainer"], "train") is None  # Hydra lists the options
+    assert unknown_override_message(["ckpt=x"], "evaluate").startswith("ckpt is not a top-level key of conf/evaluate.yaml")
 
 
 def test_declared_top_level_keys():

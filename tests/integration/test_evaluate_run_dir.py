@@ -95,6 +95,22 @@ def test_evaluate_run_dir_reproduces_the_final_evaluation(run_dir, tmp_path):
     assert from_checkpoint.metrics == summary_of(run_dir)["after"]
 
 
+def test_a_checkpoint_in_a_run_folder_is_scored_with_that_runs_settings(run_dir, tmp_path, capsys):
+    # Not evaluate.yaml's (MATH train's benchmarks, temperature 0.6, 1,024 new tokens): the run's.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    overrides = [f"ckpt_path={last}", STUB_REWARD]
+    evaluated = evaluate(compose_eval(overrides, tmp_path), overrides)
+    assert evaluated.metrics == summary_of(run_dir)["after"]  # its final evaluation, exactly
+    said = f"settings: the run's {run_dir / '.hydra' / 'config.yaml'}, with this command line's overrides on top"
+    assert said in capsys.readouterr().out
+    results = (tmp_path / "results.md").read_text()
+    assert f"- run: {run_dir}\n" in results and f"- model: {last}\n" in results
+    # A global group would replace the run's settings wholesale: refused, naming the run.
+    overrides = [f"ckpt_path={last}", STUB_REWARD, "experiment=toy"]
+    with pytest.raises(ConfigError, match=rf"run_dir={run_dir}: the override experiment=toy sets keys across"):
+        evaluate(compose_eval(overrides, tmp_path / "global"), overrides)
+
+
 def test_evaluate_run_dir_applies_explicit_overrides(run_dir, tmp_path):
     overrides = [f"run_dir={run_dir}", STUB_REWARD, "callbacks.evaluation.max_problems=2",
                  "callbacks.evaluation.k_per_set={level1:3}"]  # fmt: skip

@@ -34,6 +34,8 @@ CASES = [
     (boxed(r"\text{27}"), "27", 0.0),
     (boxed("4831"), "1384", 0.0),  # the base's copy
     (boxed("16"), "-16", 0.0),  # the first world's base: the sign missing
+    (boxed("٣٨٤"), "384", 0.0),  # Arabic-Indic digits: not the toy's integer literals
+    (boxed("３８４"), "384", 0.0),  # full-width digits
     # Right answers, as the demonstrations and the base write them.
     (boxed("27"), "27", 1.0),
     (boxed(" 27 "), "27", 1.0),
@@ -97,3 +99,13 @@ def test_every_demonstration_scores_and_no_copied_question_does(reward, pool, le
 def test_the_toy_experiments_grade_integers(make_cfg):
     for experiment in ("toy", "toy2", "toy_paper", "toy2_paper"):
         assert make_cfg(f"experiment={experiment}").reward.mode == "integer", experiment
+
+
+def test_evaluating_toy_rows_grades_integers_whatever_the_reward_mode(make_cfg):
+    """evaluate.py with model=tiny2 data=toy2 (no toy experiment) composes reward.mode=auto: the
+    rows' own grading mode keeps the copied question wrong there too."""
+    rows = world2.make_rows("val", [3], 4, seed=0)
+    with MathVerifyReward(mode="auto", num_workers=0) as grader:
+        responses = [boxed(r["problem"]) for r in rows]
+        assert grader(responses, [r["answer"] for r in rows], [r["grading"] for r in rows]).rewards == [0.0] * 4
+        assert grader(responses, [r["answer"] for r in rows]).rewards == [1.0] * 4  # math-verify alone

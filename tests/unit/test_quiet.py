@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import torch
@@ -57,3 +58,12 @@ def test_known_noise_is_silenced_and_nothing_else(tmp_path):
     assert not [m for m in messages if any(noise in m for noise in NOISE)]
     assert not [m for m in messages if "`weights_only` was not set" in m]  # set at the source
     assert any("GPU available" in m for m in messages)  # the same logger's other messages stay
+
+
+def test_vllm_logs_warnings_and_up_unless_the_user_asks_for_more(monkeypatch):
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    quiet_known_noise()
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING"  # read when vllm is first imported
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")
+    quiet_known_noise()
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "INFO"

@@ -38,6 +38,19 @@ def test_other_settings_are_built_and_cached(ship, tmp_path):
     assert path.parent == tmp_path / "cache2"
 
 
+def test_a_setting_the_request_leaves_out_is_no_match(tmp_path, monkeypatch):
+    # A shipped base with the digit tasks (task_fraction, digit_tasks in its settings) must not
+    # answer a request without them (task_fraction=0 leaves both keys out of the settings).
+    root = tmp_path / "bases"
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", root)
+    with_tasks = ensure_toy_base(tmp_path / "cache", **{**TINY, "task_fraction": 0.5})
+    shutil.copytree(with_tasks, root / "tiny2")
+    shipped.write_sums(root / "tiny2")
+    assert ensure_toy_base(tmp_path / "cache", **{**TINY, "task_fraction": 0.5}) == root / "tiny2"
+    plain = ensure_toy_base(tmp_path / "cache", **TINY)
+    assert plain.parent == tmp_path / "cache"
+
+
 def test_a_changed_shipped_file_is_refused_with_its_name(ship, tmp_path):
     weights = ship / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")

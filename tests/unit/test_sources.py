@@ -14,7 +14,7 @@ from datasets import Dataset, DatasetDict
 from hydra.utils import instantiate
 
 from data_fixtures import GOOD, OPENR1_ROWS
-from relift_pl.data.sources import BadRowError, get_field, load_rows
+from relift_pl.data.sources import BadRowError, get_field, load_rows, skipped_summary
 
 DEMO_TEMPLATE = "{demonstration}\n</think>\n\nThe final answer is $\\boxed{{{answer}}}$."
 WITH_DEMOS = {"columns": {"demonstration": "solution"}, "demo_template": DEMO_TEMPLATE}
@@ -41,7 +41,9 @@ BAD_ROWS = [
     # Every rollout of it timed out in grading (16.8 s per group of 8).
     pytest.param(
         {**GOOD, "id": "x", "answer": "1" * 1_000_000},
-        "has a 1,000,000-character 'answer' (answer), longer than max_answer_chars=1000",
+        "has a 1,000,000-character 'answer' (answer), longer than max_answer_chars=1000: if such "
+        "golds are meant, raise it with data.train_rows.max_answer_chars=N (for an eval set: "
+        "+data.eval_sets.<name>.max_answer_chars=N)",
         id="megabyte-answer",
     ),
 ]
@@ -64,7 +66,30 @@ def test_skip_knob_drops_and_counts(tmp_path, bad, message):
     rows = load_rows(str(path), on_bad_row="skip", **WITH_DEMOS)
     assert [r["id"] for r in rows] == ["ok", "ok2"]
     assert sum(rows.skipped.values()) == 1
-    assert message in next(iter(rows.skipped))
+    assert message in skipped_summary(rows.skipped, rows.first_skipped)
+
+
+def test_skipped_rows_are_counted_by_kind(tmp_path, caplog):
+    # Rows whose problems differ only in position or length are one kind; the first's details show.
+    bad = [{**GOOD, "id": f"s{i}", "problem": "1" * i + "\ud800"} for i in (2, 5)]
+    bad += [{**GOOD, "id": f"a{n}", "answer": "1" * n} for n in (2000, 3000)]
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, *bad])
+    rows = load_rows(str(path), on_bad_row="skip", **WITH_DEMOS)
+    surrogate = "has a lone surrogate in 'problem' (problem), which is not text"
+    too_long = (
+        "has an 'answer' (answer) longer than max_answer_chars=1000: if such golds are meant, raise "
+        "it with data.train_rows.max_answer_chars=N (for an eval set: "
+        "+data.eval_sets.<name>.max_answer_chars=N)"
+    )
+    assert rows.skipped == {surrogate: 2, too_long: 2}
+    warning = caplog.records[0].getMessage()
+    assert warning.startswith(f"{path}: skipped 4 malformed rows: 2 {surrogate} (first: row 1: has a lone "
+                              "surrogate ('\\ud800') at character 2 of 'problem' (problem), which is not text); "
+                              f"2 {too_long} (first: row 3: has a 2,000-character 'answer' (answer),")  # fmt: skip
+
+
+def test_the_answer_limit_is_a_data_key(make_cfg):
+    assert make_cfg("data=math_train").data.train_rows.max_answer_chars == 1000
 
 
 def test_invalid_json_names_the_line(tmp_path):

@@ -4,6 +4,8 @@ tokenizer with Qwen's special tokens (<|im_start|>, <|im_end|>, <|endoftext|>)."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from relift_pl.data import ReLIFTDataModule, prompt_ids
@@ -67,10 +69,50 @@ def test_added_tokens_that_are_not_special_stay_tokens():
     assert special_ids(toy, demo) == [toy.eos_token_id]
 
 
+TRIMMING = "{% for m in messages %}<|im_start|>{{ m['content'] | trim }}<|im_end|>{% endfor %}"
+UPPER = "{% for m in messages %}<|im_start|>{{ m['content'] | upper }}<|im_end|>{% endfor %}"
+
+
+def test_a_template_that_trims_messages_keeps_control_text_as_text(tokenizer):
+    # Llama 3, Gemma and Phi trim messages: the row's text still tokenizes as text.
+    problem = " What is 1+1?<|im_end|>\n"
+    ids = prompt_ids(tokenizer, problem, "  Be brief. ", TRIMMING)
+    assert len(special_ids(tokenizer, ids)) == 4  # two turns' <|im_start|> and <|im_end|>
+    assert tokenizer.decode(ids) == prompt_text(tokenizer, problem, "  Be brief. ", TRIMMING)
+
+
 def test_a_template_that_rewrites_messages_cannot_hide_control_text(tokenizer):
     from relift_pl.config import ConfigError
 
-    trimming = "{% for m in messages %}<|im_start|>{{ m['content'] | trim }}<|im_end|>{% endfor %}"
-    assert prompt_ids(tokenizer, "What is 1+1?", None, trimming)  # nothing to keep apart
-    with pytest.raises(ConfigError, match="data.chat_template changes message text"):
-        prompt_ids(tokenizer, " What is 1+1?<|im_end|> ", None, trimming)
+    assert prompt_ids(tokenizer, "What is 1+1?", None, UPPER)  # nothing to keep apart
+    with pytest.raises(ConfigError, match="data.chat_template changes message text beyond trimming"):
+        prompt_ids(tokenizer, "What is 1+1?<|im_end|>", None, UPPER)
+    with pytest.raises(ConfigError, match="^data.system_prompt holds a special token's text"):
+        prompt_ids(tokenizer, "What is 1+1?", "<|im_end|>", UPPER)
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+def test_a_row_the_template_would_turn_into_control_tokens_is_a_bad_row(tokenizer, tmp_path, on_bad_row):
+    from relift_pl.config import ConfigError
+    from relift_pl.data.sources import load_rows
+
+    rows = [{"id": f"r{i}", "problem": "What is 1+1?", "answer": "2"} for i in range(2)]
+    rows.insert(1, {"id": "injected", "problem": INJECTED, "answer": "2"})
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dm = ReLIFTDataModule(lambda: load_rows(str(path), on_bad_row=on_bad_row), tokenizer, batch_size=2,
+                          chat_template=UPPER)  # fmt: skip
+    if on_bad_row == "error":
+        with pytest.raises(ConfigError) as err:
+            dm.setup("fit")
+        assert str(err.value) == (
+            f"{path}: the row with id 'injected' has a special token's text in its problem that "
+            "data.chat_template changes beyond trimming, so it cannot be kept apart from the "
+            "template's control tokens (a template that inserts messages as they are keeps it: "
+            "qwen_think does). Fix or remove the row, or set on_bad_row=skip on this source to "
+            "drop and count such rows."
+        )
+    else:  # the other rows train
+        dm.setup("fit")
+        assert [row["id"] for row in dm.train_rows] == ["r0", "r1"]
+        assert dm.counts["rows_skipped"] == 1

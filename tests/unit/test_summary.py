@@ -7,7 +7,7 @@ import json
 
 from rich.console import Console
 
-from relift_pl.summary import RunSummary
+from relift_pl.summary import RANDOM_WEIGHTS_NOTE, RunSummary
 
 
 def metrics(level1: float, level2: float, k: int = 4) -> dict[str, float]:
@@ -112,3 +112,19 @@ def test_a_resumed_job_labels_its_wall_time_as_its_own():
     assert row(rendered(fresh), "wall time")[1:] == ["", "1.5 min", ""]
     assert row(rendered(resumed), "wall time (since the resume)")[1:] == ["", "1.5 min", ""]
     assert "wall time (since" not in rendered(fresh)
+
+
+def test_a_note_is_printed_under_the_table(tmp_path):
+    run = summary([(0, M0), (4, M0)], steps=4, preempted=True)
+    run.note = RANDOM_WEIGHTS_NOTE
+    text = flat(rendered(run))
+    assert RANDOM_WEIGHTS_NOTE in text and 'preempted at step 4: "after"' in text
+    assert saved(run, tmp_path)["note"] == RANDOM_WEIGHTS_NOTE
+
+
+def test_only_the_untrained_rehearsal_model_declares_random_weights():
+    from conftest import compose_cfg
+
+    assert compose_cfg(["experiment=paper_rehearsal"]).model.random_weights is True
+    for model in ("tiny", "tiny2", "pretrained", "qwen2_5_math_7b"):
+        assert not compose_cfg([f"model={model}"]).model.get("random_weights", False), model

@@ -41,7 +41,7 @@ def test_rows_schema_and_determinism():
     assert rows != make_rows("train", LEVELS, 20, seed=4)
     assert [r["level"] for r in rows] == [lvl for lvl in LEVELS for _ in range(20)]
     for row in rows:
-        assert set(row) == {"id", "problem", "answer", "demonstration", "level"}
+        assert set(row) == {"id", "problem", "answer", "demonstration", "level", "grading"}
         assert all(isinstance(row[k], str) for k in ("id", "problem", "answer", "demonstration"))
     assert len({r["id"] for r in rows}) == len(rows)
     # A level with fewer problems than asked contributes all it has, without duplicates.

@@ -23,7 +23,7 @@ def test_rows_schema_determinism_and_levels():
     assert rows == world2.make_rows("train", world2.LEVELS, 20, seed=3)
     assert [r["level"] for r in rows] == [lvl for lvl in world2.LEVELS for _ in range(20)]
     for row in rows:
-        assert set(row) == {"id", "problem", "answer", "demonstration", "level"}
+        assert set(row) == {"id", "problem", "answer", "demonstration", "level", "grading"}
     assert len({r["id"] for r in rows}) == len(rows)
 
 

@@ -46,7 +46,7 @@ def _scalars(run_dir: Path) -> dict[str, list[float]]:
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("rehearsal")
-    _run("train.py", "experiment=paper_rehearsal", f"hydra.run.dir={run_dir}")
+    trained = _run("train.py", "experiment=paper_rehearsal", f"hydra.run.dir={run_dir}")
     first = json.loads((run_dir / "summary.json").read_text())
     first_scalars = _scalars(run_dir)
     _run("train.py", "experiment=paper_rehearsal", f"hydra.run.dir={run_dir}", "ckpt_path=last",
@@ -54,7 +54,7 @@ def rehearsal(tmp_path_factory):
     evaluated = _run("evaluate.py", f"run_dir={run_dir}", "trainer=cpu")
     sharded = _run("evaluate.py", f"run_dir={run_dir}", "trainer=cpu",
                    f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
-    return run_dir, first, first_scalars, evaluated, sharded
+    return run_dir, first, first_scalars, evaluated, sharded, trained
 
 
 def test_the_run_takes_an_sft_step_and_evaluates_all_eight_benchmarks(rehearsal):
@@ -97,9 +97,24 @@ def test_resume_continues_the_run(rehearsal):
 
 
 def test_evaluate_scores_the_final_model_with_the_runs_settings(rehearsal):
-    run_dir, _, _, evaluated, sharded = rehearsal
+    run_dir, _, _, evaluated, sharded, _ = rehearsal
     assert f"model: {run_dir / 'final_model'}" in evaluated.stdout
     for name, k in SETS.items():
         assert f"| {name} | {k} |" in evaluated.stdout
     # The FSDP2 run's sharded last.ckpt folder is scored too (its policy tensors read alone).
     assert f"model: {run_dir / 'checkpoints' / 'last.ckpt'}" in sharded.stdout
+
+
+def test_the_output_says_why_every_score_is_0_and_says_each_thing_once(rehearsal):
+    run_dir, first, _, evaluated, _, trained = rehearsal
+    note = "the model is untrained, so 0% on every set is expected"
+    assert first["note"].startswith("model.random_weights: " + note)
+    assert note in " ".join(trained.stdout.split())  # under the table (its caption wraps)
+    assert note in evaluated.stdout
+    output = trained.stdout + trained.stderr
+    # vLLM's INFO lines (~50 per engine and rank) are off by default; both ranks load the same
+    # eval sets, and only rank 0 reports what was dropped.
+    assert not [line for line in output.splitlines() if " INFO " in line and "vllm" in line.lower()]
+    for name in ("aime24", "math500", "minerva", "gpqa_diamond"):
+        assert output.count(f"eval set {name}: ") == 1, name
+    assert "torch.set_num_threads` after the thread binding" not in output
