@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import io
 import logging
 import os
 import zipfile
@@ -19,6 +18,7 @@ from relift_pl.untrusted import (
     UnsafeFileError,
     check_distributed_checkpoint_metadata,
     check_distributed_checkpoint_values,
+    intact_archive,
     load_weights_only,
     shown,
 )
@@ -329,12 +329,7 @@ def _first_corrupted_shard(path: Path, metadata) -> str | None:
     for item in sorted(metadata.storage_data.values(), key=lambda i: (i.relative_path, i.offset)):
         with open(path / item.relative_path, "rb") as f:
             f.seek(item.offset)
-            blob = f.read(item.length)
-        try:
-            with zipfile.ZipFile(io.BytesIO(blob)) as archive:
-                intact = archive.testzip() is None
-        except (zipfile.BadZipFile, EOFError, ValueError, UnicodeDecodeError):
-            intact = False
+            intact = intact_archive(f.read(item.length))
         if not intact:
             return item.relative_path
     return None

@@ -23,6 +23,7 @@ import functools
 import io
 import pickle
 import re
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,15 @@ def _load_weights_only(file: str | Path | io.BytesIO, named: str | Path) -> Any:
         found = re.search(r"GLOBAL (.*?) (?:was not an allowed global|whose module)", str(err), re.S)
         what = f"the global {shown(found.group(1))}" if found else "objects other than tensors and plain types"
         raise _refused(named, what) from None
+
+
+def intact_archive(blob: bytes) -> bool:
+    """Whether ``blob`` is an intact zip archive, as ``torch.save`` writes (a CRC per member)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, EOFError, ValueError, UnicodeDecodeError):
+        return False
 
 
 # torch's distributed-checkpoint metadata pickles these besides its own record classes.
@@ -135,6 +145,8 @@ def check_distributed_checkpoint_values(folder: str | Path) -> None:
 
     Raises:
         UnsafeFileError: an entry pickles an object other than tensors and plain types.
+        ValueError: an entry is not an intact ``torch.save`` archive (a corrupted shard; torch
+            would read anything else as a plain pickle).
     """
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
@@ -154,6 +166,8 @@ def check_distributed_checkpoint_values(folder: str | Path) -> None:
         with open(Path(folder) / stored.relative_path, "rb") as handle:
             handle.seek(stored.offset)
             value = handle.read(stored.length)
+        if not intact_archive(value):
+            raise ValueError(f"its shard {stored.relative_path} is corrupted ({named} fails its CRC check)")
         _load_weights_only(io.BytesIO(value), named)
 
 

@@ -114,11 +114,33 @@ def test_a_damaged_fsdp2_checkpoint_is_named_in_one_line(fsdp2_straight, tmp_pat
     shard.unlink()
     with pytest.raises(ValueError, match=r"is incomplete or corrupted .*no shard files __1_0\.distcp"):
         check_checkpoint_file(damaged)
-    # Corrupted with its size intact (an archive header zeroed): the load fails on both ranks with
-    # one line naming the shard.
-    shard.write_bytes(bytes(64) + intact[64:])
+    # Corrupted with its size intact (an archive header zeroed). A non-tensor entry (torch would
+    # unpickle anything there) is checked before any model loads; a tensor fails the load on both
+    # ranks. Either way one line names the shard.
+    entry = {kind: _entry_in(damaged, "__1_0.distcp", kind) for kind in ("bytes", "tensor")}
+    shard.write_bytes(_zeroed(intact, entry["bytes"].offset))
+    with pytest.raises(ValueError, match=r"is incomplete or corrupted .*its shard __1_0\.distcp is corrupted"):
+        check_checkpoint_file(damaged)
+    shard.write_bytes(_zeroed(intact, entry["tensor"].offset))
+    check_checkpoint_file(damaged)
     proc = launch_worker(tmp_path / "resumed", [*FSDP2, f"ckpt_path={damaged}"])
     assert proc.returncode != 0
     expected = (f"checkpoint folder {damaged} could not be loaded (")
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert "its shard __1_0.distcp is corrupted (a CRC check fails); resume from an earlier one" in proc.stderr
+
+
+def _entry_in(folder: Path, shard: str, kind: str):
+    """Where the first non-tensor ("bytes") or tensor entry stored in ``shard`` begins."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    wanted = {index.fqn for index in metadata.storage_data
+              if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata) == (kind == "bytes")}
+    return min((info for index, info in metadata.storage_data.items()
+                if index.fqn in wanted and info.relative_path == shard), key=lambda info: info.offset)
+
+
+def _zeroed(data: bytes, offset: int) -> bytes:
+    return data[:offset] + bytes(64) + data[offset + 64:]

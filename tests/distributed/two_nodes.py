@@ -91,6 +91,7 @@ def launch_two_nodes(
     timeout_s: int = 420,
     node1_prefix: list[str] | None = None,
     node1_waits_for: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Launch:
     """Runs ``train.py <overrides>`` as 2 nodes x 1 process, both started in ``cwd``.
 
@@ -99,9 +100,10 @@ def launch_two_nodes(
         node1_waits_for: node 1's worker starts only once rank 0 has written its ``.hydra``
             folder under this ``outputs`` folder and the clock's second has moved on: a start-up
             skew between the ranks (their stamps differ), without a fixed sleep.
+        env: variables added to both nodes' environment.
     """
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     procs = []
     started = time.monotonic()
     for node in (0, 1):

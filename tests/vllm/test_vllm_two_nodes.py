@@ -27,9 +27,10 @@ RUN = [
 
 
 def test_each_node_runs_its_own_engine_seeded_by_global_rank(tmp_path):
-    launch = launch_two_nodes(tmp_path, RUN, timeout_s=500)
+    # vLLM prints its engine config at start-up, at INFO (the project quiets it to WARNING).
+    launch = launch_two_nodes(tmp_path, RUN, timeout_s=500, env={"VLLM_LOGGING_LEVEL": "INFO"})
     assert [n.returncode for n in launch.nodes] == [0, 0], launch.report()
-    for rank, node in enumerate(launch.nodes):  # vLLM prints its engine config at start-up
+    for rank, node in enumerate(launch.nodes):
         (started,) = [line for line in (node.stdout + node.stderr).splitlines()
                       if "Initializing a V1 LLM engine" in line]
         assert f", seed={rank}," in started
