@@ -42,7 +42,8 @@ class StepMetrics:
 
     def add_mean(self, key: str, total: Tensor | float, count: Tensor | float) -> None:
         """A mean over all ranks' items: ``total`` and ``count`` are summed over ranks and the
-        ratio taken after, so ranks holding different numbers of items weigh by their count."""
+        ratio taken after, so ranks holding different numbers of items weigh by their count;
+        a step where no rank has an item logs no value for ``key``."""
         self.add(f"{_TOTAL}{key}", total)
         self.add(f"{_COUNT}{key}", count)
 
@@ -69,5 +70,7 @@ class StepMetrics:
             out |= dict(zip(keys, stacked.tolist(), strict=True))
         for key in [k for k in out if k.startswith(_TOTAL)]:
             name = key[len(_TOTAL):]
-            out[name] = out.pop(key) / max(out.pop(f"{_COUNT}{name}"), 1e-12)
+            total, count = out.pop(key), out.pop(f"{_COUNT}{name}")
+            if count > 0:  # a mean over no item is no figure (not 0): the key is left out
+                out[name] = total / count
         return out

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -56,8 +57,10 @@ BASES = {
     "shipped": Base(),
     "seed1": Base(("model.build.seed=1",)),
     "seed2": Base(("model.build.seed=2",)),
-    # The shipped base's settings built with AVX2 kernels (a CPU without AVX-512): its own cache
-    # folder, and every run on it with the same kernels.
+    # The shipped base's settings built with PyTorch's own (ATen) vectorised kernels at AVX2
+    # instead of AVX-512: another float path, as another CPU takes (matrix products still go
+    # through the same BLAS / oneDNN kernels, so not any given machine's). Its own cache folder,
+    # and every run on it with the same kernels.
     "avx2": Base(("model.build.rebuild=true", f"paths.cache_dir={ROOT / '.cache' / 'avx2'}"),
                  (("ATEN_CPU_CAPABILITY", "avx2"),)),
 }
@@ -110,6 +113,8 @@ PREMISE_RUNS: dict[str, list[str]] = {
     "sft_all": ["algorithm=sft", PREMISE_SFT_LR],
 }
 EVERY_BASE = ["grpo", "luffy", "sft_level4"]
+RL_RUNS = ["grpo", "luffy"]
+"""The premise runs whose checkpoints are scored for the key tokens."""
 SHIPPED_ONLY_SEEDS = ["grpo", "sft_level4", "sft_all"]
 BASE_K_PREMISE = 32
 """Samples per level-4 validation question each base is scored with for P1."""
@@ -172,6 +177,10 @@ def premise_stage() -> None:
     jobs = [j for b in per_base.values() for j in (b["key_tokens"], b["score"], *b["runs"].values())]
     jobs += [j for by_seed in shipped.values() for j in by_seed.values() if j not in jobs]
     run_all(jobs, ARGS.jobs)
+    # The key tokens under RL's policies, from each run's checkpoints (every 25 steps).
+    curves = {b: {n: Job(p["runs"][n].out / "key_tokens", EXPERIMENT, [], BASES[b], task="key_token_curve",
+                         extra=ARGS.overrides) for n in RL_RUNS} for b, p in per_base.items()}
+    run_all([j for by_run in curves.values() for j in by_run.values()], ARGS.jobs)
     bases = {b: {"base_eval": load_eval(p["score"]), "base_k": BASE_K_PREMISE,
                  "key_tokens": json.loads((p["key_tokens"].out / "key_tokens.json").read_text()),
                  "runs": {n: load_run(j.out) for n, j in p["runs"].items()}} for b, p in per_base.items()}
@@ -184,8 +193,9 @@ def premise_stage() -> None:
         "`python scripts/reproduce_toy.py --stage premise` (also the first stage of the full run). "
         "The bars were written in docs/results/toy2_protocol.md before these runs. The bases: "
         "shipped (`model=tiny2`, build seed 0, the development machine), seed1 and seed2 (build "
-        "seeds 1 and 2), avx2 (build seed 0 with PyTorch's AVX2 kernels, as a CPU without AVX-512 "
-        "runs; its runs too).", "",
+        "seeds 1 and 2), avx2 (build seed 0 with PyTorch's ATen kernels at AVX2 instead of AVX-512 "
+        "(`ATEN_CPU_CAPABILITY=avx2`; BLAS / oneDNN matrix products unchanged): another float "
+        "path, its runs too).", "",
         "## On every base (seed 100)", "",
         f"Level-4 samples: the base scored with {BASE_K_PREMISE} samples (T=1) on each level-4 "
         "validation question. Demo tokens: each level-4 validation demonstration teacher-forced "
@@ -200,7 +210,17 @@ def premise_stage() -> None:
         tables.premise_table(shipped_runs, bases["shipped"]["base_eval"], BASE_K_PREMISE, BATCH), "",
         "![premise curves](toy2_premise_curves.png)", "",
         "## What LUFFY's demonstrations contribute (seed 100, every base)", "",
+        "Logged during training: the demonstrations LUFFY mixes into each step's groups (every "
+        "level's), so the first two columns mostly speak of levels 1-3.", "",
         tables.luffy_table({b: v["runs"]["luffy"] for b, v in bases.items()}), "",
+        "## The level-4 demonstrations' key tokens under RL (seed 100, every base)", "",
+        "Each checkpoint's policy teacher-forced through the level-4 validation demonstrations, as "
+        "the bases are above: median probability of each demonstration's least / second least "
+        "likely token.", "",
+        tables.key_token_table({b: v["key_tokens"] for b, v in bases.items()},
+                               {b: {n: {int(t): k for t, k in json.loads(
+                                   (j.out / "key_tokens_by_step.json").read_text()).items()}
+                                    for n, j in by_run.items()} for b, by_run in curves.items()}), "",
     ]
     (out / "toy2_premise.md").write_text("\n".join(text))
     print("\n".join(text))
@@ -282,7 +302,38 @@ def tune_stage() -> None:
 
 
 # -- the study -------------------------------------------------------------------------------------
+GRID_FILE = ROOT / "docs" / "results" / "toy2_tuning_grid.md"
+CHOSEN = {"grpo": RL_LR, "luffy": LUFFY_RL_LR, "sft": SFT_LR, "relift": RELIFT_SFT_LR}
+"""Which setting above holds each grid's winner."""
+
+
+def grid_winners(text: str) -> dict[str, str]:
+    """The settings a tuning grid (``toy2_tuning_grid.md``) chose: {method: "knob=value"} for each
+    grid's bold value, and "uniform" for the relift_uniform interval it derives."""
+    chosen = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) > 2 and cells[2].startswith("**"):
+            chosen[cells[0]] = f"{cells[1]}={cells[2].strip('*')}"
+    found = re.search(r"relift_uniform interval .* = (\d+)\.", text)
+    if found:
+        chosen["uniform"] = f"algorithm.sft_interval={found.group(1)}"
+    return chosen
+
+
+def check_settings(grid_file: Path = GRID_FILE) -> None:
+    """Stops unless the settings above are the committed tuning grid's choices."""
+    if not grid_file.exists():
+        sys.exit(f"{grid_file} is missing: run --stage tune first (the study uses its choices)")
+    chosen = grid_winners(grid_file.read_text())
+    used = CHOSEN | {"uniform": UNIFORM_INTERVAL}
+    wrong = [f"{m}: {used[m]} here, {chosen.get(m)} there" for m in used if chosen.get(m) != used[m]]
+    if wrong:
+        sys.exit(f"scripts/reproduce_toy.py's settings differ from {grid_file}: " + "; ".join(wrong))
+
+
 def study_stage() -> None:
+    check_settings()
     build_bases(["shipped", *ROBUSTNESS_BASES])
     scores = {b: score_base_task("study", b, "test", BASE_K_STUDY, LEVELS) for b in ["shipped", *ROBUSTNESS_BASES]}
     main = {m: {s: job("study", "shipped", m, s, METHODS[m], "test") for s in STUDY_SEEDS[m]}

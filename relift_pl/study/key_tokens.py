@@ -9,8 +9,10 @@ third puts two such tokens in every level-4 demonstration.
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -48,3 +50,29 @@ def summary(probs: list[list[float]]) -> dict[str, float]:
             "lowest_median": statistics.median(lowest), "lowest_max": max(lowest),
             "second_median": statistics.median(second), "second_max": max(second),
             "whole_median": statistics.median(whole), "whole_max": max(whole)}
+
+
+def step_of(checkpoint: Path) -> int:
+    """The training step of a ``step-000025.ckpt`` file."""
+    found = re.fullmatch(r"step-(\d+)\.ckpt", checkpoint.name)
+    if found is None:
+        raise ValueError(f"{checkpoint}: not a step-NNNNNN.ckpt checkpoint")
+    return int(found.group(1))
+
+
+def checkpoint_curve(model, tokenizer, checkpoints: Sequence[Path], rows: Sequence[dict]) -> dict[int, dict]:
+    """:func:`summary` of the policy each checkpoint holds (one process, single-file
+    checkpoints), by training step: how RL moved the demonstrations' least likely tokens.
+
+    Args:
+        model: the run's base (its architecture; each checkpoint's weights replace its own).
+    """
+    from relift_pl.untrusted import load_weights_only
+
+    curve = {}
+    for checkpoint in sorted(checkpoints, key=step_of):
+        state = load_weights_only(checkpoint)["state_dict"]
+        weights = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+        model.load_state_dict(weights)
+        curve[step_of(checkpoint)] = summary(demo_token_probs(model.eval(), tokenizer, rows))
+    return curve

@@ -2,7 +2,7 @@
 
 Every run is a subprocess with one torch thread: ``python train.py experiment=... <overrides>``
 (a training run), or one of this module's own tasks on a base (``build_base``, ``score_base``,
-``key_tokens``: ``python -m relift_pl.study.runs <task> <out> <overrides>``). A run's folder holds
+``key_tokens``, ``key_token_curve``: ``python -m relift_pl.study.runs <task> <out> <overrides>``). A run's folder holds
 what it wrote; a finished run is skipped, and a stopped training run resumes from its last
 checkpoint, so a stopped study continues where it was.
 """
@@ -23,13 +23,14 @@ from pathlib import Path
 from relift_pl.study.stats import LEVELS
 
 ROOT = Path(__file__).resolve().parents[2]
-TASKS = ("build_base", "score_base", "key_tokens")
+TASKS = ("build_base", "score_base", "key_tokens", "key_token_curve")
 
 
 @dataclass(frozen=True)
 class Base:
     """A toy base a study runs on: the Hydra overrides that select it, and the environment its
-    runs need (``ATEN_CPU_CAPABILITY=avx2``: the kernels of a CPU without AVX-512)."""
+    runs need (``ATEN_CPU_CAPABILITY=avx2``: PyTorch's own kernels at AVX2 rather than AVX-512;
+    matrix products keep their BLAS / oneDNN kernels)."""
 
     overrides: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
@@ -195,6 +196,22 @@ def key_tokens(out: Path, overrides: list[str]) -> None:
     rows = world2.level_pool("val", 4)
     probs = demo_token_probs(load_policy(path).eval(), load_tokenizer(path), rows)
     (out / "key_tokens.json").write_text(json.dumps({"base": str(path), **summary(probs)}, indent=1))
+
+
+def key_token_curve(out: Path, overrides: list[str]) -> None:
+    """:func:`key_tokens` at each ``step-*.ckpt`` of the training run ``out`` sits in (``out``:
+    ``<run>/key_tokens``), into ``key_tokens_by_step.json``."""
+    from hydra.utils import instantiate
+
+    from relift_pl.models import load_policy, load_tokenizer, resolve_model_path
+    from relift_pl.study.key_tokens import checkpoint_curve
+    from relift_pl.toy import world2
+
+    cfg = _compose(overrides)
+    path = resolve_model_path(cfg.model.name_or_path, instantiate(cfg.model.get("build")))
+    checkpoints = list((out.parent / "checkpoints").glob("step-*.ckpt"))
+    curve = checkpoint_curve(load_policy(path), load_tokenizer(path), checkpoints, world2.level_pool("val", 4))
+    (out / "key_tokens_by_step.json").write_text(json.dumps(curve, indent=1))
 
 
 if __name__ == "__main__":

@@ -215,6 +215,24 @@ def bases_table(bases: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def key_token_table(base_keys: dict[str, dict], curves: dict[str, dict[str, dict[int, dict]]]) -> str:
+    """The level-4 demonstrations' least and second least likely token (median probabilities,
+    ``relift_pl.study.key_tokens.summary``) under each run's policy, by step: ``base_keys``
+    = {base: the base's summary (step 0)}; ``curves`` = {base: {run: {step: summary}}}."""
+    steps = sorted({t for runs in curves.values() for curve in runs.values() for t in curve})
+    lines = ["| base | run | step 0 (base) | " + " | ".join(map(str, steps)) + " |",
+             "|---|---|" + "---|" * (len(steps) + 1)]
+
+    def cell(keys: dict | None) -> str:
+        return f"{keys['lowest_median']:.1e} / {keys['second_median']:.1e}" if keys else ""
+
+    for base, runs in curves.items():
+        for name, curve in runs.items():
+            lines.append(f"| {base} | {name} | {cell(base_keys[base])} | "
+                         + " | ".join(cell(curve.get(t)) for t in steps) + " |")
+    return "\n".join(lines)
+
+
 def robustness_table(by_base: dict[str, Runs], reference: str = "relift") -> str:
     """Per base and method: the final avg (mean ± sample std over seeds) and ReLIFT minus the
     method (paired seeds, 95% t interval); then per method the spread of its mean avg between
@@ -245,11 +263,11 @@ def robustness_table(by_base: dict[str, Runs], reference: str = "relift") -> str
 def luffy_table(runs: dict[str, dict]) -> str:
     """LUFFY's level-4 learning on each base beside what its mixed-in demonstrations weigh:
     at each evaluation, level-4 accuracy at that evaluation, the policy's
-    log10-probability of each demonstration's least likely token (mean over the step's
-    demonstrations) and the gradient weight policy shaping gives that token's log-probability
+    log10-probability of each demonstration's least likely token (mean over the demonstrations
+    mixed into that step's groups: every level's, not level 4's alone) and the gradient weight policy shaping gives that token's log-probability
     (``gamma p / (p + gamma)^2``; SFT gives every token 1)."""
-    lines = ["| base | step | level 4 (%) | least likely demo token: log10 p | its shaping weight | "
-             "demo tokens: mean p |", "|---|---|---|---|---|---|"]
+    lines = ["| base | step | level 4 (%) | least likely demo token: mean of log10 p | mean of its shaping "
+             "weight | demo tokens: mean p |", "|---|---|---|---|---|---|"]
     for name, run in runs.items():
         logp = dict(series(run, "luffy/min_token_logprob"))
         weight = dict(series(run, "luffy/min_token_weight"))

@@ -12,8 +12,8 @@ but accuracy. This world changes both, and docs/results/toy2_premise.md measures
    step under `B`, `D`, `T`, every other ordered pair of steps under `K M P W F`), but every
    other letter asks for a copy, so it answers `R4831` with `4831`. What it lacks is knowledge
    (which steps R asks for), which sampling does not find: a correct sample needs two tokens the
-   base all but never writes (about 1e-7 to 1e-6 each, measured per base in
-   docs/results/toy2_premise.md), where one such token (the second edition's level 4, backwards
+   base all but never writes (median probabilities from about 1e-7 on the shipped base to 3e-4
+   on build seed 1, measured per base in docs/results/toy2_premise.md), where one such token (the second edition's level 4, backwards
    alone) was found by RL on some bases. A few dozen demonstrations teach it. Nothing the easy
    levels need is touched: other prompts, other outputs.
 2. Demonstrations (the "R1 traces" of this world) are written in a verbose style that the base
@@ -49,7 +49,7 @@ from typing import Literal
 from relift_pl.toy.world import SPLITS, Split, ToyWorldConfig, _enumerate, split_of
 
 LEVELS = (1, 2, 3, 4)
-"""All levels, easiest first; level 4 (digit reversal) is the one the base never solves."""
+"""All levels, easiest first; level 4 (backwards, then without the first digit) is the one the base never solves."""
 
 Style = Literal["verbose", "terse"]
 STYLES = ("verbose", "terse")

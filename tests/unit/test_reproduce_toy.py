@@ -222,9 +222,49 @@ def test_bases_table_bars_by_hand():
     lines = tables.bases_table({"a": good, "b": bad}).splitlines()
     a = [c.strip() for c in lines[2].split("|")[1:-1]]
     b = [c.strip() for c in lines[3].split("|")[1:-1]]
-    assert a[1] == "0 / 64" and a[2] == "1.0e-07 / 2.0e-07" and a[4] == "0.0%" and a[5] == "50.0% (50.0%)"
+    assert a[1] == "0 / 64" and a[2] == "1.0e-07 / 2.0e-07" and a[3] == "3.0e-07 / 4.0e-07"
+    assert a[4] == "0.0%" and a[5] == "50.0% (50.0%)"
     assert a[6] == "75.0%" and a[8:] == ["yes", "yes", "yes"]
     assert b[4] == "2.0%" and b[7] == "-6.0 / +0.0 / +0.0" and b[8:] == ["NO", "NO", "NO"]
+
+
+def _timed(level4_by_step: dict[int, float], easy_tokens: float, easy: float = 1.0) -> dict:
+    """:func:`_curve` whose levels 1-3 answer in ``easy_tokens`` tokens after step 0 (10 at 0)."""
+    r = _curve(level4_by_step, easy)
+    for step, e in r["evals"].items():
+        for s in LEVELS[:3]:
+            e[s]["tokens"] = {q: (easy_tokens if step else 10.0) for q in e[s]["correct"]}
+    return r
+
+
+def test_premise_table_bars_by_hand():
+    base_eval = evaluation(levels([1], [1], [1], [0.0, 1 / 32]))  # 1 correct of 2 x 32 samples
+    runs = {"grpo": {100: _timed({0: 0.0, 25: 0.01, 150: 0.0}, 10.0), 101: _timed({0: 0.0, 150: 0.0}, 12.0)},
+            "sft_level4": {100: _timed({0: 0.0, 40: 0.6}, 14.0, easy=0.97),
+                           101: _timed({0: 0.0, 40: 0.5}, 16.0, easy=0.97)},
+            "sft_all": {100: _timed({0: 0.0, 150: 1.0}, 14.0), 101: _timed({0: 0.0, 150: 1.0}, 16.0)}}
+    lines = tables.premise_table(runs, base_eval, 32, 16).splitlines()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in lines[2:6]}
+    # P1: 1 of 64 samples = 1.6% > 0.1% -> NO (GRPO's highest, 1.0%, alone would pass).
+    assert rows["P1"][3].startswith("base: 1 correct of 64 samples (2 level-4 validation questions x 32")
+    assert "level 4 0.0 ± 0.0% at step 150, highest at any evaluation 1.0%" in rows["P1"][3]
+    assert rows["P1"][4] == "NO"
+    # P2: mean of 60 and 50 = 55 >= 50; P3: each easy level 100 -> 97 (-3 >= -5).
+    assert "level 4: base 0.0% -> 55.0 ± 7.1% (2 seeds)" in rows["P2"][3] and rows["P2"][4] == "yes"
+    assert "level1: 100.0 -> 97.0 ± 0.0 (-3.0)" in rows["P3"][3] and rows["P3"][4] == "yes"
+    # P4: SFT on all answers levels 1-3 in 15 tokens (mean of 14, 16) vs the base's 10: 1.50x.
+    assert "base 10.0; SFT on all 15.0 ± 1.4 (1.50x); SFT on level 4 only 15.0 ± 1.4; GRPO 11.0 ± 1.4" \
+        in rows["P4"][3] and rows["P4"][4] == "yes"
+
+
+def test_key_token_table_by_hand():
+    def keys(low, second):
+        return {"lowest_median": low, "second_median": second}
+
+    curves = {"a": {"grpo": {50: keys(2e-7, 3e-6), 25: keys(1e-7, 2e-6)}}}
+    lines = tables.key_token_table({"a": keys(1e-8, 1e-7)}, curves).splitlines()
+    assert lines[0] == "| base | run | step 0 (base) | 25 | 50 |"
+    assert lines[2] == "| a | grpo | 1.0e-08 / 1.0e-07 | 1.0e-07 / 2.0e-06 | 2.0e-07 / 3.0e-06 |"
 
 
 def test_robustness_table_spreads_by_hand():
@@ -252,3 +292,18 @@ def test_luffy_table_reads_each_evaluations_step():
     lines = tables.luffy_table({"a": r}).splitlines()
     assert lines[2] == "| a | 0 | 0.0 | -7.00 | 1.0e-06 | 0.800 |"  # step 0 reads step 1's metrics
     assert lines[3] == "| a | 25 | 50.0 | -2.00 | 8.0e-02 | 0.900 |"
+
+
+def test_the_study_runs_the_tuning_grids_choices(tmp_path):
+    grid = tmp_path / "grid.md"
+    rows = [f"| {m} | {s.split('=')[0]} | **{s.split('=')[1]}** | 2 |" for m, s in rt.CHOSEN.items()]
+    rows += ["| grpo | algorithm.rl_optimizer.lr | 9e-9 | 2 |"]  # a losing value: not a choice
+    interval = rt.UNIFORM_INTERVAL.split("=")[1]
+    grid.write_text("\n".join([*rows, f"... -> relift_uniform interval round(150 / 7.5) = {interval}."]))
+    assert rt.grid_winners(grid.read_text()) == rt.CHOSEN | {"uniform": rt.UNIFORM_INTERVAL}
+    rt.check_settings(grid)
+    grid.write_text(grid.read_text().replace(f"= {interval}.", "= 999."))
+    with pytest.raises(SystemExit, match="uniform: algorithm.sft_interval=.* here, algorithm.sft_interval=999 there"):
+        rt.check_settings(grid)
+    with pytest.raises(SystemExit, match="missing: run --stage tune first"):
+        rt.check_settings(tmp_path / "absent.md")

@@ -30,3 +30,12 @@ def test_a_key_keeps_its_reduction():
     assert metrics.reduce() == {"x": 3.0}
     with pytest.raises(ValueError, match="metric x is reduced by max, not sum"):
         metrics.add("x", 1.0)
+
+
+def test_a_mean_over_no_item_is_left_out():
+    # A LUFFY step without demonstrations: their mean log-prob is no figure, not 0 (log p = 0
+    # would read as "the policy is sure of every demonstration token").
+    metrics = StepMetrics()
+    metrics.add_mean("luffy/min_token_logprob", torch.tensor(0.0), torch.tensor(0.0))
+    metrics.add_mean("train/reward_mean", 2.0, 4.0)
+    assert metrics.reduce() == {"train/reward_mean": 0.5}
