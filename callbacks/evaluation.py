@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -81,6 +82,18 @@ def _check_set_names(key: str, names: Mapping[str, Any] | None, eval_sets: Mappi
         )
 
 
+def keep_lines_to(path: Path, step: int) -> None:
+    """Drops the lines of ``path`` (``per_problem.jsonl``) whose step is after ``step``."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")  # a kill while writing leaves the file whole
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 class EvaluationStopped(Exception):
     """A preemption signal arrived during an evaluation; it is abandoned on every rank."""
 
@@ -128,7 +141,8 @@ class BenchmarkEvaluation(L.Callback):
         after_training: evaluate the last training step (``module.max_steps``) if the period
             did not, and at the end of a run that stopped earlier (not after a preemption).
         seed: sampling seed, so the same policy gets the same score, and evaluation leaves the
-            training random streams untouched; None samples from the global streams.
+            training random streams untouched (so a resume that redoes an interrupted
+            evaluation continues training exactly; hence no "global streams" option).
         per_problem_file: if set, every evaluation appends one JSON line per set to this file:
             ``{"step", "set", "k", "correct": {problem id: share of k samples correct},
             "tokens": {problem id: mean response tokens}}``
@@ -147,13 +161,18 @@ class BenchmarkEvaluation(L.Callback):
         batch_prompts: int = 64,
         before_training: bool = True,
         after_training: bool = True,
-        seed: int | None = 0,
+        seed: int = 0,
         per_problem_file: str | None = None,
     ) -> None:
         if batch_prompts < 1:
             raise ValueError(f"callbacks.evaluation.batch_prompts must be >= 1, got {batch_prompts}")
         if k < 1:
             raise ValueError(f"callbacks.evaluation.k must be >= 1 (samples per problem), got {k}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(
+                f"callbacks.evaluation.seed must be an integer, got {seed!r}: evaluation samples from "
+                "its own stream, so training's (and an exact resume) never depend on when it evaluates"
+            )
         for name, n in (k_per_set or {}).items():
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"callbacks.evaluation.k_per_set.{name} must be >= 1, got {n!r}")
@@ -185,10 +204,15 @@ class BenchmarkEvaluation(L.Callback):
     def on_train_start(self, trainer: L.Trainer, module) -> None:
         step = module.step_count
         if step == 0:
-            if self.before_training and not self.history:
-                self.run(trainer, module)
-        elif self._due(step, module) and self.last_eval_step != step:
-            # Resumed from a preemption at a step due for evaluation: that evaluation first.
+            redo = self.before_training and not self.history
+        else:  # resumed from a preemption at a step due for evaluation: that evaluation first
+            redo = self._due(step, module) and self.last_eval_step != step
+        if self.per_problem_file and trainer.is_global_zero:
+            # A resumed run keeps the lines of the evaluations its checkpoint had seen (later ones
+            # are done again); a fresh run in a used folder starts a fresh file.
+            keep_to = step - 1 if redo else step
+            keep_lines_to(Path(self.per_problem_file), keep_to if trainer.ckpt_path else -1)
+        if redo:
             self.run(trainer, module)
 
     def on_train_batch_end(self, trainer: L.Trainer, module, *args: Any) -> None:
@@ -274,9 +298,8 @@ class BenchmarkEvaluation(L.Callback):
         engine = getattr(module, "rollout_engine", None)
         awake = engine.awake() if engine is not None else contextlib.nullcontext()
         # One wake-up (and weight push) for the whole evaluation, not one per set.
-        with awake, torch.random.fork_rng(devices=devices, enabled=self.seed is not None):
-            if self.seed is not None:
-                torch.manual_seed(self.seed + world_size_and_rank()[1])
+        with awake, torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed + world_size_and_rank()[1])
             return [
                 self.score_set(module, name, rows[: self.limit(name)], progress)
                 for name, rows in eval_sets.items()

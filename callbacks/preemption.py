@@ -9,6 +9,7 @@ import lightning as L
 import torch
 
 from relift_pl.distributed import all_reduce_sum
+from relift_pl.loggers import flush_loggers
 from relift_pl.signals import SignalLatch, take_signal_from_start
 
 
@@ -82,6 +83,7 @@ class PreemptionCheckpoint(L.Callback):
         if module.preempted:
             return
         self.saved_path = self.dirpath / "preempted.ckpt"
+        flush_loggers(trainer)
         trainer.save_checkpoint(self.saved_path, weights_only=False)  # everything, to resume
         module.preempted = True  # the module skips any further step
         trainer.should_stop = True

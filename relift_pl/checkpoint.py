@@ -6,6 +6,7 @@ import contextlib
 import glob
 import logging
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from relift_pl.loggers import flush_loggers
 from relift_pl.untrusted import (
     UnsafeFileError,
     check_distributed_checkpoint_metadata,
@@ -186,11 +188,42 @@ class TrainingStepCheckpoint(ModelCheckpoint):
         candidates["step"] = torch.tensor(trainer.lightning_module.step_count)
         return candidates
 
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        flush_loggers(trainer)  # first: the logged rows are on disk before the checkpoint is
+        super()._save_checkpoint(trainer, filepath)
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        # A run resumed into a new folder ranks its checkpoints against the earlier folder's best
+        # (load_state_dict): a better one replaces it as best, but that folder is not ours to prune.
+        if Path(filepath).parent == Path(self.dirpath):
+            super()._remove_checkpoint(trainer, filepath)
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "last_step_saved": self._last_step_saved}
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # Lightning finds this callback's state by a key that holds every_n_train_steps: a resume
+        # with another period would restore nothing (the best so far, the step's saves) without a
+        # word. Take the state saved under the same monitor and mode, whatever the period.
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states:
+            same = self._generate_state_key(monitor=self.monitor, mode=self.mode)[:-1]  # "...}" -> "..."
+            found = [k for k in states if isinstance(k, str) and k.startswith(same)]
+            if found:
+                states[self.state_key] = states[found[0]]
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        moved = state_dict.get("dirpath", self.dirpath) != self.dirpath
+        with warnings.catch_warnings():  # Lightning's "dirpath has changed": handled here
+            warnings.filterwarnings("ignore", message="The dirpath has changed")
+            super().load_state_dict(state_dict)
+        if moved and state_dict.get("monitor") == self.monitor:
+            # Resumed into a new folder: the best so far (in the earlier folder) still ranks
+            # this run's checkpoints, as in the run that did not stop.
+            self.best_model_score = state_dict["best_model_score"]
+            self.best_k_models = dict(state_dict.get("best_k_models") or {})
+            self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
+            self.kth_value = state_dict.get("kth_value", self.kth_value)
         self._resumed_saved_step = state_dict.get("last_step_saved")  # absent in older checkpoints
 
     @property
@@ -335,14 +368,15 @@ def _first_corrupted_shard(path: Path, metadata) -> str | None:
     return None
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, sharded: bool | None = None) -> str | None:
     """``None`` -> None; ``last`` -> the newest intact one of ``checkpoints/{preempted,last}.ckpt``
     in ``output_dir`` (a damaged newer one is passed over with a warning; an error if none is
-    left); otherwise the given path. The checkpoint is checked."""
+    left); otherwise the given path. The checkpoint is checked, and with ``sharded`` False (a
+    trainer that is not FSDP2) it must be a single file."""
     if ckpt_path is None:
         return None
     if ckpt_path != "last":
-        return str(check_checkpoint_file(ckpt_path))
+        return str(check_checkpoint_file(_loadable_by(ckpt_path, sharded)))
     folder = Path(output_dir) / "checkpoints"
     found = [folder / name for name in RESUMABLE_NAMES if (folder / name).exists()]
     if not found:
@@ -360,5 +394,16 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
         for err in damaged:
             log.warning("%s; ckpt_path=last resumes from %s, the newest intact one",
                         str(err).split(f"; {_RESUME_EARLIER}")[0], path)
-        return str(path)
+        return _loadable_by(str(path), sharded)
     raise damaged[0]
+
+
+def _loadable_by(path: str, sharded: bool | None) -> str:
+    """``path``, unless it is a sharded (FSDP2) folder and the trainer is not FSDP2: Lightning
+    would fail deep in its load with ``IsADirectoryError``."""
+    if sharded is False and Path(path).is_dir():
+        raise ValueError(
+            f"checkpoint {path} is a sharded (FSDP2) checkpoint folder, which only an FSDP2 trainer "
+            "loads: resume it with trainer=fsdp (or the trainer config that wrote it)"
+        )
+    return path

@@ -9,8 +9,8 @@ Here, at fit start (``LogContinuation``, added by ``train.build`` beside this lo
   are logged again), so each step appears once, as the run that got there logged it;
 - a fresh run in a used folder starts a fresh file, as Lightning's does;
 
-and the rows are written whenever a checkpoint is, so a checkpoint never holds steps the file
-lacks.
+and the rows are written before every checkpoint is (:func:`flush_loggers`), so a checkpoint
+never holds steps the file lacks.
 
 It reads the resumed step at train start: ``ModelParallelStrategy`` (FSDP2) restores the
 checkpoint after ``on_fit_start``, where the module still counts 0.
@@ -70,8 +70,13 @@ class ContinuingCSVLogger(CSVLogger):
     def start(self, resumed_step: int | None) -> None:
         self.experiment.start(resumed_step)
 
-    def after_save_checkpoint(self, checkpoint_callback) -> None:
-        self.save()  # what the checkpoint holds is on disk too
+
+def flush_loggers(trainer: L.Trainer) -> None:
+    """Writes what every logger holds. Called before each checkpoint save (periodic, top-k and
+    ``preempted.ckpt``): a kill right after a save then finds the file with every step the
+    checkpoint holds (rows of later steps are dropped on resume)."""
+    for logger in trainer.loggers:
+        logger.save()
 
 
 class LogContinuation(L.Callback):

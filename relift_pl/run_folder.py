@@ -161,12 +161,15 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, resolver)
 
 
-def resolve_resume(ckpt_path: str | None, output_dir: str) -> tuple[str | None, str | None]:
+def resolve_resume(
+    ckpt_path: str | None, output_dir: str, sharded: bool | None = None
+) -> tuple[str | None, str | None]:
     """(checkpoint, None) as :func:`resolve_ckpt_path` finds it, or, when several ranks were
     launched, (None, why not): a rank that stopped here alone would leave the others waiting for
-    it in the process group's start-up (30 minutes); :class:`RunFolderCheck` stops them all."""
+    it in the process group's start-up (30 minutes); :class:`RunFolderCheck` stops them all.
+    ``sharded``: whether the trainer is FSDP2 (only it loads a sharded checkpoint folder)."""
     try:
-        return resolve_ckpt_path(ckpt_path, output_dir), None
+        return resolve_ckpt_path(ckpt_path, output_dir, sharded), None
     except (FileNotFoundError, ValueError) as err:
         if launched_world_size() <= 1:
             raise

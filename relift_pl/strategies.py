@@ -74,6 +74,16 @@ def derived_data_parallel_size(num_nodes: int, devices_per_node: int, tensor_par
 STATELESS_OPTIMIZERS = "relift_stateless_optimizers"
 
 
+def shards_checkpoints(trainer: DictConfig) -> bool:
+    """Whether the ``trainer`` config's strategy is FSDP2 (Lightning's ModelParallelStrategy),
+    which writes and loads checkpoints as folders of shards."""
+    from hydra.utils import get_class
+
+    strategy = trainer.get("strategy")
+    target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
+    return bool(target) and issubclass(get_class(target), _ModelParallelStrategy)
+
+
 class ModelParallelStrategy(_ModelParallelStrategy):
     """Lightning's ModelParallelStrategy whose data-parallel size follows the launch, whose
     sharded checkpoint saves are atomic and complete, and which leaves an optimizer without

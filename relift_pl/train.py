@@ -30,6 +30,7 @@ from relift_pl.run_folder import (
     unwritable_line,
 )
 from relift_pl.stop_tokens import apply_stop_tokens
+from relift_pl.strategies import shards_checkpoints
 from relift_pl.summary import RANDOM_WEIGHTS_NOTE, RunSummary
 from relift_pl.validation import CheckedConfig, check_config, instantiate_checked
 
@@ -131,7 +132,9 @@ def fit(cfg: DictConfig) -> FitResult:
         raise RunFolderError(unwritable_line(0, socket.gethostname(), folder, write_error))
     # Before building: a missing or broken checkpoint fails before the model loads (under a
     # multi-rank launch, on every rank at set-up: RunFolderCheck).
-    ckpt_path, resume_problem = resolve_resume(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    ckpt_path, resume_problem = resolve_resume(
+        cfg.get("ckpt_path"), cfg.paths.output_dir, sharded=shards_checkpoints(cfg.trainer)
+    )
     say(f"run directory: {folder}")
     trainer, module, datamodule = build(cfg, training=True, checked=checked)
     trainer.callbacks.insert(0, RunFolderCheck(folder, resume_problem, write_error))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import lightning as L
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -196,3 +197,83 @@ def test_a_preemption_at_an_evaluation_step_is_evaluated_by_the_resume(evaluated
     # The same checkpoint files as the straight run's (and preempted.ckpt).
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == sorted([*(p.name for p in (straight_out / "checkpoints").iterdir()), "preempted.ckpt"])
+
+
+# -- what a resume keeps: logged rows, per-problem lines, the best so far -------------------------
+class _RowsOnDiskWhenPreempted(L.Callback):
+    """The training steps metrics.csv holds on disk right after preempted.ckpt is written."""
+
+    def __init__(self, out) -> None:
+        self.out, self.steps = out, None
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        if module.preempted and self.steps is None:
+            self.steps = _trained_steps(self.out) if (self.out / "csv" / "metrics.csv").exists() else []
+
+
+def test_preempted_checkpoint_finds_its_steps_rows_on_disk(tmp_path):
+    # A scheduler's kill right after the save (the end of its grace time) must not lose rows
+    # the checkpoint holds: the resume would log only the steps after it.
+    out = tmp_path / "run"
+    trainer, module, datamodule = build(compose_cfg([*RUN, "max_steps=4", "callbacks.checkpoint.every_n_train_steps=0"],
+                                                    output_dir=out))
+    seen = _RowsOnDiskWhenPreempted(out)
+    trainer.callbacks += [SigtermAt(3), seen]
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        module.teardown("fit")
+    assert module.preempted and seen.steps == [1, 2, 3]
+
+
+class _CrashAt(L.Callback):
+    """Fails at the end of training step ``step``, after its evaluation, before its checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        if module.step_count == self.step:
+            raise RuntimeError("crashed")
+
+
+def test_a_resume_from_an_earlier_checkpoint_drops_later_evaluations_lines(tmp_path):
+    run = [*EVAL_EVERY_2, "callbacks.evaluation.every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=2"]
+    fit(compose_cfg(run, output_dir=tmp_path / "straight"))
+    out = tmp_path / "run"
+    trainer, module, datamodule = build(compose_cfg(run, output_dir=out))
+    trainer.callbacks.append(_CrashAt(3))
+    with pytest.raises(RuntimeError, match="crashed"):
+        try:
+            trainer.fit(module, datamodule=datamodule)
+        finally:
+            module.teardown("fit")
+    assert {line["step"] for line in _per_problem(out)} == {1, 2, 3}
+    fit(compose_cfg([*run, "ckpt_path=last"], output_dir=out))  # last.ckpt: step 2
+    assert _per_problem(out) == _per_problem(tmp_path / "straight")  # step 3 once, as evaluated again
+
+
+# mode=min: step 2 (val/avg 0.22) is the best checkpoint, step 4 (0.28) is not.
+BEST_AT_2 = [*EVAL_EVERY_2, "callbacks.checkpoint.mode=min"]
+
+
+def test_a_resume_into_a_new_folder_ranks_against_the_best_so_far(tmp_path):
+    straight = fit(compose_cfg(BEST_AT_2, output_dir=tmp_path / "straight")).trainer.checkpoint_callback
+    assert _step_of(straight.best_model_path) == 2
+    fit(compose_cfg([*BEST_AT_2, "max_steps=2"], output_dir=tmp_path / "first"))
+    first = tmp_path / "first" / "checkpoints"
+    # docs/resuming.md's first command: ckpt_path=<file>, a new run folder.
+    resumed = fit(compose_cfg([*BEST_AT_2, f"ckpt_path={first / 'last.ckpt'}"], output_dir=tmp_path / "second"))
+    callback = resumed.trainer.checkpoint_callback
+    assert float(callback.best_model_score) == float(straight.best_model_score)
+    assert callback.best_model_path == str(first / "best-2.ckpt") and (first / "best-2.ckpt").exists()
+    assert not list((tmp_path / "second" / "checkpoints").glob("best-*"))
+
+
+def test_a_resume_with_another_checkpoint_period_keeps_the_best_so_far(tmp_path):
+    out = tmp_path / "run"
+    fit(compose_cfg([*BEST_AT_2, "max_steps=2"], output_dir=out))
+    resumed = fit(compose_cfg([*BEST_AT_2, "callbacks.checkpoint.every_n_train_steps=2", "ckpt_path=last"],
+                              output_dir=out))
+    assert _step_of(resumed.trainer.checkpoint_callback.best_model_path) == 2
+    assert sorted(p.name for p in (out / "checkpoints").glob("best-*")) == ["best-2.ckpt"]

@@ -168,3 +168,11 @@ def test_grading_timeouts_and_failures_are_counted_per_set_and_summed():
     assert [(s.name, s.timeouts, s.failures) for s in scores] == [("math", 2, 4), ("arc", 1, 2)]
     metrics = metrics_of(scores)
     assert (metrics["val/reward_timeouts"], metrics["val/reward_failures"]) == (3, 6)
+
+
+@pytest.mark.parametrize("seed", [None, 1.5, True])
+def test_the_evaluation_seed_must_be_an_integer(seed):
+    # No "global streams" option: an evaluation redone by a resume would draw from the fresh
+    # process's streams and leave training on another path than the run that did not stop.
+    with pytest.raises(ValueError, match=r"callbacks.evaluation.seed must be an integer, got"):
+        BenchmarkEvaluation(k=2, seed=seed)

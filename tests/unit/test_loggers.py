@@ -50,9 +50,13 @@ def test_a_fresh_run_in_a_used_folder_starts_a_fresh_file(tmp_path):
     assert _rows(tmp_path / "csv" / "metrics.csv") == [(1, "b1"), (2, "b2")]
 
 
-def test_a_checkpoint_save_writes_the_logged_rows(tmp_path):
+def test_a_checkpoint_save_writes_the_logged_rows_first(tmp_path):
+    from types import SimpleNamespace
+
+    from relift_pl.loggers import flush_loggers
+
     logger = _logger(tmp_path, None)
     logger.log_metrics({"loss": "a1"}, step=1)  # Lightning itself writes every 100 steps
     assert not (tmp_path / "csv" / "metrics.csv").exists()
-    logger.after_save_checkpoint(None)
+    flush_loggers(SimpleNamespace(loggers=[logger]))  # what every checkpoint save calls first
     assert _rows(tmp_path / "csv" / "metrics.csv") == [(1, "a1")]

@@ -228,3 +228,26 @@ def test_a_rank_that_cannot_write_its_run_folder_runs_in_a_temporary_one(launche
         RunFolderCheck(folder, None, error).setup(trainer=None, pl_module=None, stage="fit")
     (view,) = gather_views(tmp_path / "not_a_folder" / "run", None, barrier=lambda name: None, write_error=error)
     assert view.write_error == error  # the probe's reason, not the marker's
+
+
+def test_a_sharded_checkpoint_folder_needs_an_fsdp2_trainer(launcher, tmp_path):
+    # Lightning's single-process load of a folder fails after the model loads with a 16-frame
+    # IsADirectoryError; named here first, and under a multi-rank launch at the check.
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"last.ckpt is a sharded \(FSDP2\) checkpoint folder, .*trainer=fsdp"):
+        resolve_resume(str(folder), str(tmp_path), sharded=False)
+    with pytest.raises(ValueError, match="is incomplete or corrupted"):  # FSDP2: checked as a folder
+        resolve_resume(str(folder), str(tmp_path), sharded=True)
+    launcher(1, world=2)
+    ckpt, problem = resolve_resume(str(folder), str(tmp_path), sharded=False)
+    assert ckpt is None and "trainer=fsdp" in problem
+
+
+def test_the_trainer_configs_that_shard_checkpoints(make_cfg):
+    from relift_pl.strategies import shards_checkpoints
+
+    sharded = {name: shards_checkpoints(make_cfg(f"trainer={name}").trainer)
+               for name in ("default", "ddp", "gpu", "fsdp", "fsdp_8gpu", "multinode")}
+    assert sharded == {"default": False, "ddp": False, "gpu": False, "fsdp": True, "fsdp_8gpu": True,
+                       "multinode": True}
