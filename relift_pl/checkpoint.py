@@ -15,6 +15,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from relift_pl.config import ConfigError
 from relift_pl.loggers import flush_loggers
 from relift_pl.untrusted import (
     UnsafeFileError,
@@ -402,7 +403,7 @@ def _loadable_by(path: str, sharded: bool | None) -> str:
     """``path``, unless it is a sharded (FSDP2) folder and the trainer is not FSDP2: Lightning
     would fail deep in its load with ``IsADirectoryError``."""
     if sharded is False and Path(path).is_dir():
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {path} is a sharded (FSDP2) checkpoint folder, which only an FSDP2 trainer "
             "loads: resume it with trainer=fsdp (or the trainer config that wrote it)"
         )

@@ -219,3 +219,15 @@ def test_rollout_engine_failure_is_a_clear_error(tmp_path, engine, message):
     with pytest.raises(RuntimeError) as err:
         _fit_with(cfg, engine=engine)
     assert str(err.value) == message
+
+
+def test_a_sharded_folder_under_a_plain_trainer_is_one_line(tmp_path):
+    from test_cli import run
+
+    folder = tmp_path / "last.ckpt"  # what trainer=fsdp writes: a folder of shards
+    folder.mkdir()
+    done = run("train.py", f"ckpt_path={folder}", f"hydra.run.dir={tmp_path / 'out'}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1] == (
+        f"Error: checkpoint {folder} is a sharded (FSDP2) checkpoint folder, which only an FSDP2 "
+        "trainer loads: resume it with trainer=fsdp (or the trainer config that wrote it)")

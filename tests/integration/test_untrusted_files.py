@@ -330,12 +330,12 @@ def test_the_scripts_refuse_crafted_folders_in_one_line(tmp_path, script):
     marker = tmp_path / "ran"
     if script == "train.py":  # resuming from a downloaded checkpoint folder
         folder = sharded_checkpoint(tmp_path / "last.ckpt", {"relift": CreatesFile(marker)})
-        done = run(script, f"ckpt_path={folder}", f"hydra.run.dir={tmp_path / 'out'}")
+        done = run(script, "trainer=fsdp", f"ckpt_path={folder}", f"hydra.run.dir={tmp_path / 'out'}")
         expected = f"Error: {folder / 'meta.pt'} pickles the global "
     elif script == "train.py shard":  # ... whose optimizer state (in the shards) pickles code
         evil = {"state_dict": {"w": torch.zeros(2, 3)}, "optimizer_0": {"state": CreatesFile(marker)}}
         folder = sharded_checkpoint(tmp_path / "last.ckpt", state=evil)
-        done = run("train.py", f"ckpt_path={folder}", f"hydra.run.dir={tmp_path / 'out'}")
+        done = run("train.py", "trainer=fsdp", f"ckpt_path={folder}", f"hydra.run.dir={tmp_path / 'out'}")
         expected = f"Error: {folder}: the entry 'optimizer_0.state' pickles the global io.open,"
     elif script == "evaluate.py":  # scoring a downloaded run folder
         evil = {"_target_": "shutil.copy", "src": __file__, "dst": str(marker)}
