@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
 
 from relift_pl.config import ConfigError
 from relift_pl.validation import unknown_key_message
@@ -40,13 +40,26 @@ def config_errors(run_folder: str | None = None) -> Iterator[None]:
     nothing but what Hydra wrote before the job started (a run that never started)."""
     try:
         yield
-    except ConfigError as err:
+    except (ConfigError, InterpolationResolutionError) as raised:
+        err = _config_error_in(raised)
+        if err is None:
+            raise
         if run_folder:
             remove_unstarted_run_folder(Path(run_folder))
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"Error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+def _config_error_in(err: BaseException) -> ConfigError | None:
+    """``err`` if a ConfigError, else the ConfigError a config resolver raised under it (OmegaConf
+    wraps it in InterpolationResolutionErrors), else None."""
+    for _ in range(16):
+        if err is None or isinstance(err, ConfigError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def remove_unstarted_run_folder(folder: Path) -> bool:

@@ -22,6 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from relift_pl.config import ConfigError
+
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -30,6 +32,12 @@ def openr1_sample(source: str, cache_dir: str, rows: int | str) -> str:
     ``solution``, ``answer``) in the OpenR1-Math schema; written atomically on first use."""
     rows = int(rows)
     source_path = Path(source)
+    if not source_path.is_file():
+        raise ConfigError(
+            f"{source_path} does not exist: the OpenR1-schema sample is drawn from the math training "
+            "set under paths.data_dir; set paths.data_dir=<a folder holding train/ and benchmarks/> "
+            "(or RELIFT_DATA_DIR)"
+        )
     stat = source_path.stat()
     target = Path(cache_dir) / f"openr1-{source_path.stem}-{rows}-{stat.st_size}.parquet"
     if target.exists():

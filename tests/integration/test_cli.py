@@ -63,6 +63,12 @@ def run(script: str, *overrides: str, full_error: bool = False) -> subprocess.Co
         (  # the key the user set, not algorithm.buffer_threshold (${data.batch_size}) it feeds
             "train.py", ["data.batch_size=-3"], "data.batch_size must be >= 1, got -3",
         ),
+        (  # raised inside a config resolver (OmegaConf wraps it): printed as one line too
+            "train.py", ["experiment=paper_rehearsal", "paths.data_dir=/nonexistent"],
+            "/nonexistent/train/math_train.jsonl does not exist: the OpenR1-schema sample is drawn "
+            "from the math training set under paths.data_dir; set paths.data_dir=<a folder holding "
+            "train/ and benchmarks/> (or RELIFT_DATA_DIR)",
+        ),
     ],
 )
 def test_config_error_is_one_line_without_traceback(script, overrides, message, tmp_path):
