@@ -69,11 +69,11 @@ ROBUSTNESS_METHODS = ["relift", "grpo", "luffy"]
 
 # -- settings chosen on the validation split (docs/results/toy2_tuning_grid.md, by --stage tune
 # under docs/results/toy2_protocol.md), before the test run. Hydra overrides on toy2_paper.
-RL_LR = "algorithm.rl_optimizer.lr=1e-4"              # GRPO's choice; every RL method but LUFFY
+RL_LR = "algorithm.rl_optimizer.lr=2e-4"              # GRPO's choice; every RL method but LUFFY
 LUFFY_RL_LR = "algorithm.rl_optimizer.lr=1e-4"        # LUFFY's own choice
 SFT_LR = "algorithm.sft_optimizer.lr=1e-3"            # SFT's choice (also SFT-then-RL's SFT phase)
-RELIFT_SFT_LR = "algorithm.sft_optimizer.lr=1e-4"     # ReLIFT's choice (also its ablations)
-UNIFORM_INTERVAL = "algorithm.sft_interval=20"        # 150 / ReLIFT's SFT steps on validation
+RELIFT_SFT_LR = "algorithm.sft_optimizer.lr=3e-4"     # ReLIFT's choice (also its ablations)
+UNIFORM_INTERVAL = "algorithm.sft_interval=17"        # 150 / ReLIFT's SFT steps on validation
 
 METHODS: dict[str, list[str]] = {
     "grpo": ["algorithm=grpo", RL_LR],
