@@ -83,11 +83,12 @@ def _check_set_names(key: str, names: Mapping[str, Any] | None, eval_sets: Mappi
 
 
 def keep_lines_to(path: Path, step: int) -> None:
-    """Drops the lines of ``path`` (``per_problem.jsonl``) whose step is after ``step``."""
+    """Drops the lines of ``path`` (``per_problem.jsonl``) whose step is after ``step``, and a
+    last line a kill cut short."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
     if len(kept) < len(lines):
         tmp = path.with_name(path.name + ".tmp")  # a kill while writing leaves the file whole
         tmp.write_text("".join(kept))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -176,3 +178,15 @@ def test_the_evaluation_seed_must_be_an_integer(seed):
     # process's streams and leave training on another path than the run that did not stop.
     with pytest.raises(ValueError, match=r"callbacks.evaluation.seed must be an integer, got"):
         BenchmarkEvaluation(k=2, seed=seed)
+
+
+def test_per_problem_lines_after_the_resumed_step_are_dropped(tmp_path):
+    from callbacks.evaluation import keep_lines_to
+
+    path = tmp_path / "per_problem.jsonl"
+    lines = [json.dumps({"step": s, "set": "math"}) + "\n" for s in (0, 2, 4)]
+    path.write_text("".join(lines) + '{"step": 6, "se')  # the last append, cut by a kill
+    keep_lines_to(path, 2)
+    assert path.read_text() == "".join(lines[:2])
+    keep_lines_to(path, -1)  # a fresh run in a used folder
+    assert path.read_text() == ""
