@@ -202,16 +202,23 @@ class TrainingStepCheckpoint(ModelCheckpoint):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "last_step_saved": self._last_step_saved}
 
+    @property
+    def state_key(self) -> str:
+        # Lightning's key also holds every_n_train_steps: a resume with another period would
+        # restore nothing (the best so far, the step's saves) without a word. The ranking only.
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        # Lightning finds this callback's state by a key that holds every_n_train_steps: a resume
-        # with another period would restore nothing (the best so far, the step's saves) without a
-        # word. Take the state saved under the same monitor and mode, whatever the period.
         states = checkpoint.get("callbacks") or {}
-        if self.state_key not in states:
-            same = self._generate_state_key(monitor=self.monitor, mode=self.mode)[:-1]  # "...}" -> "..."
-            found = [k for k in states if isinstance(k, str) and k.startswith(same)]
-            if found:
-                states[self.state_key] = states[found[0]]
+        ours = [k for k in states if isinstance(k, str) and k.startswith(f"{type(self).__qualname__}{{")]
+        if self.state_key not in states:  # checkpoints whose key held the period
+            same_ranking = [k for k in ours if k.startswith(self.state_key[:-1] + ",")]
+            if same_ranking:
+                states[self.state_key] = states[same_ranking[0]]
+        # Which step's saves were done does not depend on the ranking: a resume that changed
+        # monitor or mode (and so starts its ranking afresh) still finishes a preempted step's.
+        if ours:
+            self._resumed_saved_step = states[ours[0]].get("last_step_saved")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         moved = state_dict.get("dirpath", self.dirpath) != self.dirpath
@@ -225,7 +232,6 @@ class TrainingStepCheckpoint(ModelCheckpoint):
             self.best_k_models = dict(state_dict.get("best_k_models") or {})
             self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
             self.kth_value = state_dict.get("kth_value", self.kth_value)
-        self._resumed_saved_step = state_dict.get("last_step_saved")  # absent in older checkpoints
 
     @property
     def _follows_evaluation(self) -> bool:

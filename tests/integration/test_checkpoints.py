@@ -270,10 +270,29 @@ def test_a_resume_into_a_new_folder_ranks_against_the_best_so_far(tmp_path):
     assert not list((tmp_path / "second" / "checkpoints").glob("best-*"))
 
 
-def test_a_resume_with_another_checkpoint_period_keeps_the_best_so_far(tmp_path):
+def test_a_resume_with_another_checkpoint_period_keeps_the_best_so_far(tmp_path, recwarn):
     out = tmp_path / "run"
     fit(compose_cfg([*BEST_AT_2, "max_steps=2"], output_dir=out))
     resumed = fit(compose_cfg([*BEST_AT_2, "callbacks.checkpoint.every_n_train_steps=2", "ckpt_path=last"],
                               output_dir=out))
     assert _step_of(resumed.trainer.checkpoint_callback.best_model_path) == 2
     assert sorted(p.name for p in (out / "checkpoints").glob("best-*")) == ["best-2.ckpt"]
+    # ... and Lightning does not ask for "the callbacks used to create the checkpoint".
+    assert not [w for w in recwarn if "callbacks used to create the checkpoint" in str(w.message)]
+
+
+def test_a_preempted_step_is_saved_by_a_resume_that_ranks_otherwise(tmp_path):
+    # Another monitor or mode starts the ranking afresh, but the preempted step's saves still
+    # happen first (which step's saves were done does not depend on the ranking).
+    out = tmp_path / "run"
+    run = [*RUN, "max_steps=3", "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.save_top_k=-1"]
+    trainer, module, datamodule = build(compose_cfg(run, output_dir=out))
+    trainer.callbacks.append(SigtermAt(2))
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        module.teardown("fit")
+    assert module.preempted and sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000001.ckpt"]
+    fit(compose_cfg([*run, "callbacks.checkpoint.mode=min", "ckpt_path=last"], output_dir=out))
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [
+        "step-000001.ckpt", "step-000002.ckpt", "step-000003.ckpt"]
