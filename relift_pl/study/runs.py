@@ -160,21 +160,26 @@ def build_base(out: Path, overrides: list[str]) -> None:
     (out / "base.txt").write_text(f"{path}\n")
 
 
-def score_base(out: Path, overrides: list[str]) -> None:
-    """Evaluates the untrained base as a run's step-0 evaluation does (``BenchmarkEvaluation``);
-    writes ``eval/per_problem.jsonl`` (step 0) into ``out``."""
+def step0_scores(cfg) -> list:
+    """The run ``cfg`` describes, evaluated before any step (its callback's SetScores)."""
     from callbacks.evaluation import BenchmarkEvaluation
     from relift_pl.train import build
 
-    trainer, module, datamodule = build(_compose([f"paths.output_dir={out}", *overrides]))
+    trainer, module, datamodule = build(cfg)
     evaluation = next(c for c in trainer.callbacks if isinstance(c, BenchmarkEvaluation))
     module.trainer = trainer
     module.setup("validate")
     datamodule.setup_eval_sets()
     try:
-        scores = evaluation.evaluate(module, datamodule.eval_sets)
+        return evaluation.evaluate(module, datamodule.eval_sets)
     finally:
         module.teardown("validate")
+
+
+def score_base(out: Path, overrides: list[str]) -> None:
+    """Evaluates the untrained base as a run's step-0 evaluation does (``BenchmarkEvaluation``);
+    writes ``eval/per_problem.jsonl`` (step 0) into ``out``."""
+    scores = step0_scores(_compose([f"paths.output_dir={out}", *overrides]))
     (out / "eval").mkdir(parents=True, exist_ok=True)
     with open(out / "eval" / "per_problem.jsonl", "w") as f:
         for score in scores:

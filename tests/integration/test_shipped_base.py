@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 from hydra.utils import instantiate
 
-from callbacks.evaluation import BenchmarkEvaluation
 from conftest import compose_cfg
+from relift_pl.study.runs import step0_scores
 from relift_pl.study.stats import accuracy
 from relift_pl.toy.shipped import SHIPPED_DIR, WEIGHTS_FILE, sha256, verify_shipped
-from relift_pl.train import build
 
 WEIGHTS_SHA256 = {
     "tiny": "903a4d8d6f178fb44ede57a80e4f463a08540a1a2c7b4aef42df5a7d3cf5e057",  # experiment=toy
@@ -32,15 +31,7 @@ def test_shipped_weights_are_pinned(name):
 def test_the_default_run_loads_the_shipped_base_and_scores_its_step_0(tmp_path):
     cfg = compose_cfg(["num_threads=1", "logger=csv", *ON_VALIDATION], output_dir=tmp_path)
     assert str(instantiate(cfg.model.build)()) == str(SHIPPED_DIR / "tiny2")
-    trainer, module, datamodule = build(cfg)
-    evaluation = next(c for c in trainer.callbacks if isinstance(c, BenchmarkEvaluation))
-    module.trainer = trainer
-    module.setup("validate")
-    datamodule.setup_eval_sets()
-    try:
-        scores = evaluation.evaluate(module, datamodule.eval_sets)
-    finally:
-        module.teardown("validate")
+    scores = step0_scores(cfg)
     measured = accuracy({s.name: {"correct": s.per_problem} for s in scores}, list(STEP0))
     # Another CPU's float kernels can flip a rare sample: allow one of level 1's 84 (21 x 4).
     for level, expected in STEP0.items():
