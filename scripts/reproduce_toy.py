@@ -97,7 +97,9 @@ BASE_K_STUDY = 20
 
 # -- the premise (docs/results/toy2_protocol.md), on the validation split, before any tuning.
 PREMISE_SEED = 100
-"""The seed of every base's premise runs; the shipped base's runs add PREMISE_SEEDS."""
+"""The seed of every base's premise runs; GRPO on every base, and the shipped base's runs, add
+PREMISE_SEEDS (P1 on one draw of RL's samples is one draw: on build seed 1, GRPO seed 100 never
+answered level 4 and the study's seed 2 learned it)."""
 PREMISE_SEEDS = [100, 101, 102]
 PREMISE_RL_LR = "algorithm.rl_optimizer.lr=2e-4"
 PREMISE_SFT_LR = "algorithm.sft_optimizer.lr=1e-4"
@@ -113,6 +115,7 @@ PREMISE_RUNS: dict[str, list[str]] = {
     "sft_all": ["algorithm=sft", PREMISE_SFT_LR],
 }
 EVERY_BASE = ["grpo", "luffy", "sft_level4"]
+EVERY_BASE_SEEDS = {"grpo": PREMISE_SEEDS, "luffy": [PREMISE_SEED], "sft_level4": [PREMISE_SEED]}
 RL_RUNS = ["grpo", "luffy"]
 """The premise runs whose checkpoints are scored for the key tokens."""
 SHIPPED_ONLY_SEEDS = ["grpo", "sft_level4", "sft_all"]
@@ -170,24 +173,31 @@ def premise_stage() -> None:
     build_bases(list(BASES))
     per_base = {b: {"key_tokens": base_task("premise", b, "key_tokens"),
                     "score": score_base_task("premise", b, "val", BASE_K_PREMISE, ["level4"], 10_000),
-                    "runs": {n: job("premise", b, n, PREMISE_SEED, PREMISE_RUNS[n], "val") for n in EVERY_BASE}}
+                    "runs": {n: {s: job("premise", b, n, s, PREMISE_RUNS[n], "val") for s in EVERY_BASE_SEEDS[n]}
+                             for n in EVERY_BASE}}
                 for b in BASES}
     shipped = {n: {s: job("premise", "shipped", n, s, PREMISE_RUNS[n], "val") for s in PREMISE_SEEDS}
                for n in SHIPPED_ONLY_SEEDS}
-    jobs = [j for b in per_base.values() for j in (b["key_tokens"], b["score"], *b["runs"].values())]
+    # Seed-major order, as the study's: a stopped premise has every base at the seeds it finished.
+    jobs = [j for b in per_base.values() for j in (b["key_tokens"], b["score"])]
+    jobs += [by_seed[s] for s in PREMISE_SEEDS for b in per_base.values() for by_seed in b["runs"].values()
+             if s in by_seed]
     jobs += [j for by_seed in shipped.values() for j in by_seed.values() if j not in jobs]
     run_all(jobs, ARGS.jobs)
     # The key tokens under RL's policies, from each run's checkpoints (every 25 steps).
-    curves = {b: {n: Job(p["runs"][n].out / "key_tokens", EXPERIMENT, [], BASES[b], task="key_token_curve",
-                         extra=ARGS.overrides) for n in RL_RUNS} for b, p in per_base.items()}
+    curves = {b: {n: Job(p["runs"][n][PREMISE_SEED].out / "key_tokens", EXPERIMENT, [], BASES[b],
+                         task="key_token_curve", extra=ARGS.overrides) for n in RL_RUNS}
+              for b, p in per_base.items()}
     run_all([j for by_run in curves.values() for j in by_run.values()], ARGS.jobs)
     bases = {b: {"base_eval": load_eval(p["score"]), "base_k": BASE_K_PREMISE,
                  "key_tokens": json.loads((p["key_tokens"].out / "key_tokens.json").read_text()),
-                 "runs": {n: load_run(j.out) for n, j in p["runs"].items()}} for b, p in per_base.items()}
+                 "runs": {n: {s: load_run(j.out) for s, j in by_seed.items()} for n, by_seed in p["runs"].items()}}
+             for b, p in per_base.items()}
+    first_seed = {b: {n: by_seed[PREMISE_SEED] for n, by_seed in v["runs"].items()} for b, v in bases.items()}
     shipped_runs = {n: {s: load_run(j.out) for s, j in by_seed.items()} for n, by_seed in shipped.items()}
     out = Path(ARGS.out)
     plots.plot_curves(shipped_runs, out / "toy2_premise_curves.png", "validation", main=list(shipped_runs))
-    plots.plot_bases({b: v["runs"] for b, v in bases.items()}, out / "toy2_bases.png")
+    plots.plot_bases(first_seed, out / "toy2_bases.png")
     text = [
         "# The paper in miniature, third edition: the premise, measured (validation split)", "",
         "`python scripts/reproduce_toy.py --stage premise` (also the first stage of the full run). "
@@ -196,13 +206,14 @@ def premise_stage() -> None:
         "seeds 1 and 2), avx2 (build seed 0 with PyTorch's ATen kernels at AVX2 instead of AVX-512 "
         "(`ATEN_CPU_CAPABILITY=avx2`; BLAS / oneDNN matrix products unchanged): another float "
         "path, its runs too).", "",
-        "## On every base (seed 100)", "",
+        f"## On every base (seed {PREMISE_SEED}; GRPO seeds {', '.join(map(str, PREMISE_SEEDS))})", "",
         f"Level-4 samples: the base scored with {BASE_K_PREMISE} samples (T=1) on each level-4 "
         "validation question. Demo tokens: each level-4 validation demonstration teacher-forced "
         "through the base, the probability of its least and second least likely token (median / "
         "max over the demonstrations). GRPO and LUFFY: RL lr 2e-4, 150 steps, evaluated every 25 "
-        "(highest level-4 accuracy at any evaluation). SFT on level 4: lr 1e-4, 40 steps of 16 "
-        "rows; levels 1-3 at step 40 minus the base, points.", "",
+        "(highest level-4 accuracy at any evaluation; GRPO: per seed, and P1 asks it of every "
+        "seed). SFT on level 4: lr 1e-4, 40 steps of 16 rows; levels 1-3 at step 40 minus the "
+        "base, points.", "",
         tables.bases_table(bases), "",
         "![level 4 on every base](toy2_bases.png)", "",
         "## On the shipped base (seeds 100, 101, 102)", "",
@@ -212,7 +223,7 @@ def premise_stage() -> None:
         "## What LUFFY's demonstrations contribute (seed 100, every base)", "",
         "Logged during training: the demonstrations LUFFY mixes into each step's groups (every "
         "level's), so the first two columns mostly speak of levels 1-3.", "",
-        tables.luffy_table({b: v["runs"]["luffy"] for b, v in bases.items()}), "",
+        tables.luffy_table({b: runs["luffy"] for b, runs in first_seed.items()}), "",
         "## The level-4 demonstrations' key tokens under RL (seed 100, every base)", "",
         "Each checkpoint's policy teacher-forced through the level-4 validation demonstrations, as "
         "the bases are above: median probability of each demonstration's least / second least "
@@ -390,6 +401,10 @@ def write_study(runs: dict[str, dict[int, dict]], base: dict, by_base: dict[str,
         f"shipped row uses the main study's seeds 0-4. Final test avg (%), mean ± sample std over "
         "seeds, and ReLIFT minus each method (paired seeds, 95% t interval):", "",
         tables.robustness_table(by_base), "",
+        f"What LUFFY's demonstrations weigh under policy shaping (seed {ROBUSTNESS_SEEDS[0]}, each "
+        "base; logged over the demonstrations mixed into each step's groups, every level's, so the "
+        "last two columns mostly speak of levels 1-3):", "",
+        tables.luffy_table({b: runs["luffy"][ROBUSTNESS_SEEDS[0]] for b, runs in by_base.items()}), "",
         f"Capability map (shipped base): a question is solved by a policy when its share of correct "
         f"samples is >= {SOLVED:g} ({samples}). Categories are over the base and all methods drawn "
         f"({', '.join(shown)}), first match: solved by the base; learned by GRPO; learned only by "

@@ -187,26 +187,28 @@ def premise_table(runs: Runs, base_eval: dict | None, base_k: int, batch: int) -
 def bases_table(bases: dict[str, dict]) -> str:
     """The premise on every base, one row each: ``bases[name]`` = {"base_eval", "base_k",
     "key_tokens" (``relift_pl.study.key_tokens.summary``), "runs": {"grpo", "luffy",
-    "sft_level4"} -> one run}. P1: <= 0.1% of base samples and GRPO's level 4 <= 1% at every
-    evaluation; P2: SFT on level 4 >= 50% at its last step; P3: levels 1-3 there at most 5 points
-    below the base (the bars of docs/results/toy2_protocol.md)."""
+    "sft_level4"} -> {seed: run}}; LUFFY and SFT are read at their first seed. P1: <= 0.1% of
+    base samples and GRPO's level 4 <= 1% at every evaluation of every seed; P2: SFT on level 4
+    >= 50% at its last step; P3: levels 1-3 there at most 5 points below the base (the bars of
+    docs/results/toy2_protocol.md)."""
     head = ["base", "level-4 samples correct", "least likely demo token p (median / max)",
-            "2nd least likely (median / max)", "GRPO level 4, highest", "LUFFY level 4, last (highest)",
+            "2nd least likely (median / max)", "GRPO level 4, highest (per seed)", "LUFFY level 4, last (highest)",
             "SFT on level 4: level 4", "SFT on level 4: levels 1-3 vs base", "P1", "P2", "P3"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, b in bases.items():
         correct, total = _level4_samples(b["base_eval"], b["base_k"])
         keys = b["key_tokens"]
         runs = b["runs"]
-        g_max = _highest(runs["grpo"])
-        luffy = runs["luffy"]
-        sft = runs["sft_level4"]
+        g_max = [_highest(run) for _, run in sorted(runs["grpo"].items())]
+        luffy = next(iter(runs["luffy"].values()))
+        sft = next(iter(runs["sft_level4"].values()))
         base0, sft_final = accuracy(sft["evals"][0]), accuracy(final_eval(sft))
         drops = [(sft_final[s] - base0[s]) * 100 for s in EASY]
-        p1 = correct / total <= 0.001 and g_max <= 1.0
+        p1 = correct / total <= 0.001 and max(g_max) <= 1.0
         cells = [name, f"{correct} / {total}",
                  f"{keys['lowest_median']:.1e} / {keys['lowest_max']:.1e}",
-                 f"{keys['second_median']:.1e} / {keys['second_max']:.1e}", f"{g_max:.1f}%",
+                 f"{keys['second_median']:.1e} / {keys['second_max']:.1e}",
+                 " / ".join(f"{g:.1f}" for g in g_max) + "%",
                  f"{accuracy(final_eval(luffy))['level4'] * 100:.1f}% ({_highest(luffy):.1f}%)",
                  f"{sft_final['level4'] * 100:.1f}%", " / ".join(f"{d:+.1f}" for d in drops),
                  "yes" if p1 else "NO", "yes" if sft_final["level4"] >= 0.5 else "NO",
