@@ -16,7 +16,7 @@ Outputs (``--out``, default docs/results):
   P1-P4 on the shipped one, LUFFY's level-4 learning, measured on the validation split;
 - ``toy2_tuning_grid.md`` (``--stage tune``): the grid and what it chose;
 - ``toy2_table.md`` (+ ``toy2_curves.png``, ``toy2_capability_map.png``): the study on the test
-  split, the robustness table on two other bases.
+  split, the robustness table on two other bases, what LUFFY's demonstrations weigh on each.
 
 The machinery (running, reading, statistics, tables, figures) is ``relift_pl/study/``. The first
 edition is docs/results/toy_table.md (commit ddffdd0), the second toy2_*.md at commit 5601b87.
