@@ -201,7 +201,9 @@ def premise_stage() -> None:
     text = [
         "# The paper in miniature, third edition: the premise, measured (validation split)", "",
         "`python scripts/reproduce_toy.py --stage premise` (also the first stage of the full run). "
-        "The bars were written in docs/results/toy2_protocol.md before these runs. The bases: "
+        "The bars were written in docs/results/toy2_protocol.md before these runs, but for GRPO's "
+        "seeds 101-102 on the bases other than the shipped one, added after the study's test runs "
+        "(docs/results/toy2_study_log.md). The bases: "
         "shipped (`model=tiny2`, build seed 0, the development machine), seed1 and seed2 (build "
         "seeds 1 and 2), avx2 (build seed 0 with PyTorch's ATen kernels at AVX2 instead of AVX-512 "
         "(`ATEN_CPU_CAPABILITY=avx2`; BLAS / oneDNN matrix products unchanged): another float "
@@ -404,7 +406,8 @@ def write_study(runs: dict[str, dict[int, dict]], base: dict, by_base: dict[str,
         f"What LUFFY's demonstrations weigh under policy shaping (seed {ROBUSTNESS_SEEDS[0]}, each "
         "base; logged over the demonstrations mixed into each step's groups, every level's, so the "
         "last two columns mostly speak of levels 1-3):", "",
-        tables.luffy_table({b: runs["luffy"][ROBUSTNESS_SEEDS[0]] for b, runs in by_base.items()}), "",
+        tables.luffy_table({b: runs["luffy"][ROBUSTNESS_SEEDS[0]] for b, runs in by_base.items()
+                            if ROBUSTNESS_SEEDS[0] in runs.get("luffy", {})}), "",
         f"Capability map (shipped base): a question is solved by a policy when its share of correct "
         f"samples is >= {SOLVED:g} ({samples}). Categories are over the base and all methods drawn "
         f"({', '.join(shown)}), first match: solved by the base; learned by GRPO; learned only by "

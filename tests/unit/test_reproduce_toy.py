@@ -216,7 +216,8 @@ def test_bases_table_bars_by_hand():
                      "luffy": {100: _curve({0: 0.0, 150: 0.5})}, "sft_level4": {100: _curve({0: 0.0, 40: 0.75})}}}
     # P1 fails on one seed's highest evaluation (seed 101, step 25: 2% > 1%; its last is 0, the
     # other seed never leaves 0); P3 on level 1-3 dropping 6 points (1.0 -> 0.94); P2 on 0.25 < 50%.
-    bad = {**good, "runs": {"grpo": {101: _curve({0: 0.0, 25: 0.02, 150: 0.0}), 100: _curve({0: 0.0, 150: 0.0})},
+    bad = {**good, "runs": {"grpo": {100: _curve({0: 0.0, 150: 0.0}), 101: _curve({0: 0.0, 25: 0.02, 150: 0.0}),
+                                     102: _curve({0: 0.0, 150: 0.0})},
                             "luffy": good["runs"]["luffy"],
                             "sft_level4": {100: {**_curve({0: 0.0}), "evals": {0: _curve({0: 0.0})["evals"][0],
                                            40: evaluation(levels([0.94], [1], [1], [0.25]))}}}}}
@@ -226,7 +227,7 @@ def test_bases_table_bars_by_hand():
     assert a[1] == "0 / 64" and a[2] == "1.0e-07 / 2.0e-07" and a[3] == "3.0e-07 / 4.0e-07"
     assert a[4] == "0.0 / 1.0%" and a[5] == "50.0% (50.0%)"
     assert a[6] == "75.0%" and a[8:] == ["yes", "yes", "yes"]
-    assert b[4] == "0.0 / 2.0%" and b[7] == "-6.0 / +0.0 / +0.0" and b[8:] == ["NO", "NO", "NO"]
+    assert b[4] == "0.0 / 2.0 / 0.0%" and b[7] == "-6.0 / +0.0 / +0.0" and b[8:] == ["NO", "NO", "NO"]
 
 
 def _timed(level4_by_step: dict[int, float], easy_tokens: float, easy: float = 1.0) -> dict:
