@@ -224,7 +224,7 @@ def premise_stage() -> None:
         "![premise curves](toy2_premise_curves.png)", "",
         "## What LUFFY's demonstrations contribute (seed 100, every base)", "",
         "Logged during training: the demonstrations LUFFY mixes into each step's groups (every "
-        "level's), so the first two columns mostly speak of levels 1-3.", "",
+        "level's), so the last three columns mostly speak of levels 1-3.", "",
         tables.luffy_table({b: runs["luffy"] for b, runs in first_seed.items()}), "",
         "## The level-4 demonstrations' key tokens under RL (seed 100, every base)", "",
         "Each checkpoint's policy teacher-forced through the level-4 validation demonstrations, as "
@@ -405,7 +405,7 @@ def write_study(runs: dict[str, dict[int, dict]], base: dict, by_base: dict[str,
         tables.robustness_table(by_base), "",
         f"What LUFFY's demonstrations weigh under policy shaping (seed {ROBUSTNESS_SEEDS[0]}, each "
         "base; logged over the demonstrations mixed into each step's groups, every level's, so the "
-        "last two columns mostly speak of levels 1-3):", "",
+        "last three columns mostly speak of levels 1-3):", "",
         tables.luffy_table({b: runs["luffy"][ROBUSTNESS_SEEDS[0]] for b, runs in by_base.items()
                             if ROBUSTNESS_SEEDS[0] in runs.get("luffy", {})}), "",
         f"Capability map (shipped base): a question is solved by a policy when its share of correct "

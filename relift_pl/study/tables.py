@@ -187,7 +187,7 @@ def premise_table(runs: Runs, base_eval: dict | None, base_k: int, batch: int) -
 def bases_table(bases: dict[str, dict]) -> str:
     """The premise on every base, one row each: ``bases[name]`` = {"base_eval", "base_k",
     "key_tokens" (``relift_pl.study.key_tokens.summary``), "runs": {"grpo", "luffy",
-    "sft_level4"} -> {seed: run}}; LUFFY and SFT are read at their first seed. P1: <= 0.1% of
+    "sft_level4"} -> {seed: run}}; LUFFY and SFT are read at their lowest seed. P1: <= 0.1% of
     base samples and GRPO's level 4 <= 1% at every evaluation of every seed; P2: SFT on level 4
     >= 50% at its last step; P3: levels 1-3 there at most 5 points below the base (the bars of
     docs/results/toy2_protocol.md)."""
@@ -200,8 +200,8 @@ def bases_table(bases: dict[str, dict]) -> str:
         keys = b["key_tokens"]
         runs = b["runs"]
         g_max = [_highest(run) for _, run in sorted(runs["grpo"].items())]
-        luffy = next(iter(runs["luffy"].values()))
-        sft = next(iter(runs["sft_level4"].values()))
+        luffy = runs["luffy"][min(runs["luffy"])]
+        sft = runs["sft_level4"][min(runs["sft_level4"])]
         base0, sft_final = accuracy(sft["evals"][0]), accuracy(final_eval(sft))
         drops = [(sft_final[s] - base0[s]) * 100 for s in EASY]
         p1 = correct / total <= 0.001 and max(g_max) <= 1.0
